@@ -1,0 +1,42 @@
+"""The exported graph's public contract: input and output names, dtypes and meaning.
+
+Export writes graphs with exactly these names; the engine, the benchmarks and the tests read them from here, so a
+rename happens in one place and users of the ONNX file or the SavedModel signature can rely on them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IMAGES = "images"            # uint8 [N, H, W, 3], RGB, already resized to the model's input size
+CLASS_INDEX = "class_index"  # int32 [N]; -1 selects the model's own top-1 class
+
+PREDICTIONS = "predictions"    # float [N, K]: the model's own output (probabilities when it ends in softmax)
+TARGET_CLASS = "target_class"  # int32 [N]: the class whose score was differentiated
+TARGET_SCORE = "target_score"  # float [N]: that score (the pre-softmax logit when the model ends in softmax)
+FEATURE_MAPS = "feature_maps"  # float [N, h, w, C]: the target layer's activations
+GRADIENTS = "gradients"        # float [N, h, w, C]: d target_score / d feature_maps
+CAM = "cam"                    # float [N, h, w]: ReLU(weighted channel mean) / per-image max, 0 where max is 0
+
+INPUT_NAMES: tuple[str, ...] = (IMAGES, CLASS_INDEX)
+OUTPUT_NAMES: tuple[str, ...] = (PREDICTIONS, TARGET_CLASS, TARGET_SCORE, FEATURE_MAPS, GRADIENTS, CAM)
+# What the engine needs per image; feature maps and gradients stay inside the runtime unless asked for.
+ENGINE_OUTPUTS: tuple[str, ...] = (PREDICTIONS, TARGET_CLASS, TARGET_SCORE, CAM)
+
+PREPROCESSING = ("none", "caffe", "tf", "torch")
+
+MANIFEST = "manifest.json"
+ONNX_FILE = "model.onnx"
+ONNX_FP16_FILE = "model_fp16.onnx"
+SAVED_MODEL_DIR = "saved_model"
+SAVED_MODEL_FP16_DIR = "saved_model_fp16"
+SIGNATURE = "serving_default"
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """Shape and dtype of one graph output, symbolic dims as strings, written into the manifest."""
+
+    name: str
+    dtype: str
+    shape: tuple[str | int, ...]

@@ -1,0 +1,201 @@
+"""`export_artifact`: a Keras model (or a backbone/head pair) -> SavedModel + ONNX + manifest, written atomically."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from engine import contract as C
+from engine.artifact import file_table
+from export.errors import ExportError
+
+ModelLike = Any  # a path to a .keras file, a keras.Model, or a (backbone, head) pair of callables
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What `gradcam export` accepts; the CLI builds one of these."""
+
+    layer: str = "auto"
+    preprocessing: str = "none"
+    class_names: Sequence[str] | None = None
+    opset: int = 17
+    input_size: tuple[int, int] | None = None  # needed for a backbone/head pair; read from a Keras model otherwise
+    precision: str = "fp32"                    # fp32 | fp16 | both
+    overwrite: bool = False
+    verify_batch_sizes: tuple[int, ...] = field(default=(1, 3))
+
+
+def read_class_names(path: str | Path) -> list[str]:
+    """Class names from a JSON list or a text file with one name per line."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ExportError(f"{p}: cannot read class names ({e.strerror})") from None
+    if p.suffix == ".json":
+        names = json.loads(text)
+        if not isinstance(names, list):
+            raise ExportError(f"{p}: expected a JSON list of class names")
+        return [str(n) for n in names]
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _load_keras(path: Path) -> Any:
+    import keras
+
+    if not path.exists():
+        raise ExportError(f"{path}: no such file")
+    if path.suffix not in (".keras", ".h5", ".hdf5"):
+        raise ExportError(f"{path}: not a Keras model file (expected a .keras file saved by Keras 3)")
+    try:
+        return keras.models.load_model(path, compile=False)
+    except Exception as e:  # Keras raises many types for a bad file
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ExportError(f"{path}: not a loadable Keras model ({first[:200]})") from None
+
+
+def _parts(model: ModelLike, options: ExportOptions) -> tuple[Any, Any, str, str | None, tuple[int, int], str, list]:
+    """(backbone, head, layer path, feature key, input size, model name, objects to track)."""
+    import keras
+
+    from export.head import CallableHead, KerasHead
+    from export.locate import layer_chain, split_model
+
+    if isinstance(model, (str, os.PathLike)):
+        model = _load_keras(Path(model))
+    if isinstance(model, tuple):
+        if len(model) != 2:
+            raise ExportError("a model given as a tuple must be (backbone, head)")
+        backbone, head = model
+        if options.input_size is None:
+            raise ExportError("a (backbone, head) pair needs input_size=(height, width)")
+        if isinstance(head, keras.Model):
+            head_obj = KerasHead(layer_chain(head))
+        elif isinstance(head, keras.layers.Layer):
+            head_obj = KerasHead([head])
+        elif isinstance(head, (list, tuple)) and all(isinstance(h, keras.layers.Layer) for h in head):
+            head_obj = KerasHead(list(head))
+        elif callable(head):
+            head_obj = CallableHead(head)
+        else:
+            raise ExportError(f"head must be Keras layers, a Keras model or a callable, got {type(head).__name__}")
+        key = None if options.layer == "auto" else options.layer
+        tracked = [backbone, head] if not isinstance(head, (list, tuple)) else [backbone, *head]
+        return backbone, head_obj, key or "backbone output", key, options.input_size, \
+            getattr(backbone, "name", "backbone"), tracked
+    split = split_model(model, options.layer)
+    shape = tuple(model.inputs[0].shape)
+    if len(shape) != 4 or shape[-1] != 3:
+        raise ExportError(f"model input shape {shape} is not (N, H, W, 3) RGB images")
+    size = options.input_size or (shape[1], shape[2])
+    if size[0] is None or size[1] is None:
+        raise ExportError("the model's input size is not fixed; pass input_size=(height, width) / --input-size HxW")
+    return split.backbone, KerasHead(split.head), split.layer_path, None, (int(size[0]), int(size[1])), \
+        model.name, [model]
+
+
+def _check_writable(out: Path, overwrite: bool) -> None:
+    parent = out.parent.resolve()
+    if out.exists() and not overwrite and any(out.iterdir() if out.is_dir() else [out]):
+        raise ExportError(f"{out}: already exists; choose another --out or pass --overwrite")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"{parent}: cannot create output directory ({e.strerror})") from None
+    if not os.access(parent, os.W_OK):
+        raise ExportError(f"{parent}: output directory is not writable")
+
+
+def export_artifact(model: ModelLike, out: str | Path, options: ExportOptions = ExportOptions()) -> dict[str, Any]:
+    """Export one fused Grad-CAM graph as SavedModel + ONNX + manifest; returns the manifest."""
+    import tensorflow as tf
+
+    from export.graph import FusedGradCAM
+    from export.to_onnx import convert, verify
+
+    if options.preprocessing not in C.PREPROCESSING:
+        raise ExportError(f"unknown preprocessing {options.preprocessing!r}; choose {', '.join(C.PREPROCESSING)}")
+    if options.precision not in ("fp32", "fp16", "both"):
+        raise ExportError(f"unknown precision {options.precision!r}; choose fp32, fp16 or both")
+    out = Path(out)
+    _check_writable(out, options.overwrite)
+    backbone, head, layer_path, key, size, name, tracked = _parts(model, options)
+    module = FusedGradCAM(backbone, head, size, options.preprocessing, feature_key=key, tracked=tracked)
+    try:
+        concrete = module.gradcam.get_concrete_function()
+    except ExportError:
+        raise
+    except Exception as e:
+        raise ExportError(f"building the Grad-CAM graph failed: {str(e).splitlines()[0][:300]}") from None
+    specs = {k: (v.dtype.name, tuple(v.shape)) for k, v in concrete.structured_outputs.items()}
+    fm_shape = specs[C.FEATURE_MAPS][1]
+    num_classes = int(specs[C.PREDICTIONS][1][-1])
+    class_names = list(options.class_names) if options.class_names else None
+    if class_names is not None and len(class_names) != num_classes:
+        raise ExportError(f"{len(class_names)} class names given but the model has {num_classes} classes")
+
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        tf.saved_model.save(module, str(tmp / C.SAVED_MODEL_DIR), signatures={C.SIGNATURE: concrete})
+        meta = {"gradcam.class_names": json.dumps(class_names), "gradcam.preprocessing": options.preprocessing,
+                "gradcam.target_layer": layer_path, "gradcam.score": head.score}
+        proto = convert(module.gradcam, options.opset, meta)
+        model_bytes = proto.SerializeToString()
+        checks = verify(module.gradcam, model_bytes, size, options.verify_batch_sizes)
+        (tmp / C.ONNX_FILE).write_bytes(model_bytes)
+        files = [C.SAVED_MODEL_DIR, C.ONNX_FILE]
+        precision = {C.SAVED_MODEL_DIR: "fp32", C.ONNX_FILE: "fp32"}
+        manifest = _manifest(name, size, options, class_names, num_classes, layer_path, head, specs, fm_shape,
+                             precision, checks)
+        manifest["files"] = file_table(tmp, files)
+        (tmp / C.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _manifest(name: str, size: tuple[int, int], options: ExportOptions, class_names: list[str] | None,
+              num_classes: int, layer_path: str, head: Any, specs: dict[str, tuple[str, tuple]],
+              fm_shape: tuple, precision: dict[str, str], checks: dict[str, Any]) -> dict[str, Any]:
+    import keras
+    import onnxruntime
+    import tensorflow as tf
+    import tf2onnx
+
+    def dims(shape: tuple) -> list:
+        return ["N" if d is None else int(d) for d in shape]
+
+    return {
+        "format": "gradcam-engine-artifact",
+        "manifest_version": C.MANIFEST_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model_name": name,
+        "input": {"name": C.IMAGES, "dtype": "uint8", "shape": ["N", size[0], size[1], 3], "height": size[0],
+                  "width": size[1], "channels": "RGB", "preprocessing": options.preprocessing},
+        "class_index": {"name": C.CLASS_INDEX, "dtype": "int32", "shape": ["N"], "-1": "the model's top-1 class"},
+        "num_classes": num_classes,
+        "class_names": class_names,
+        "target_layer": layer_path,
+        "head": [f"{layer.name} ({type(layer).__name__})" for layer in getattr(head, "layers", [])],
+        "score": head.score,
+        "cam": {"height": int(fm_shape[1]), "width": int(fm_shape[2]), "channels": int(fm_shape[3]),
+                "method": "gradcam: mean-pooled gradients as channel weights, weighted channel mean, ReLU, "
+                          "divided by the per-image max (0 where the max is 0)"},
+        "outputs": [{"name": k, "dtype": specs[k][0], "shape": dims(specs[k][1])} for k in C.OUTPUT_NAMES],
+        "opset": options.opset,
+        "precision": precision,
+        "verification": checks,
+        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__, "tf2onnx": tf2onnx.__version__,
+                     "onnxruntime": onnxruntime.__version__},
+    }
