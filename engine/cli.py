@@ -32,8 +32,13 @@ def _export(args: argparse.Namespace) -> int:
     sizes = ", ".join(f"{k} {v['bytes'] / 1e6:.1f} MB" for k, v in _grouped_sizes(manifest).items())
     print(f"exported {manifest['model_name']} -> {args.out}: layer {manifest['target_layer']} "
           f"(cam {cam['height']}x{cam['width']}x{cam['channels']}), score {manifest['score']}, "
-          f"{manifest['num_classes']} classes, opset {manifest['opset']}; {sizes}; ONNX vs TensorFlow: cam max diff "
-          f"{manifest['verification']['cam_max_abs_diff']:.1e}")
+          f"{manifest['num_classes']} classes, opset {manifest['opset']}; {sizes}")
+    for file, check in manifest["verification"].items():
+        if isinstance(check, dict):
+            print(f"  {file} ({check['precision']}) vs TensorFlow fp32: cam max diff {check['cam_max_abs_diff']:.1e}, "
+                  f"cam correlation >= {check['cam_min_correlation']:.4f}, top-1 agreement {check['top1_agreement']:.0%}")
+        else:
+            print(f"  {file}: {check}")
     return 0
 
 

@@ -117,7 +117,7 @@ def export_artifact(model: ModelLike, out: str | Path, options: ExportOptions = 
     import tensorflow as tf
 
     from export.graph import FusedGradCAM
-    from export.to_onnx import convert, verify
+    from export.to_onnx import convert
 
     if options.preprocessing not in C.PREPROCESSING:
         raise ExportError(f"unknown preprocessing {options.preprocessing!r}; choose {', '.join(C.PREPROCESSING)}")
@@ -143,18 +143,30 @@ def export_artifact(model: ModelLike, out: str | Path, options: ExportOptions = 
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        tf.saved_model.save(module, str(tmp / C.SAVED_MODEL_DIR), signatures={C.SIGNATURE: concrete})
         meta = {"gradcam.class_names": json.dumps(class_names), "gradcam.preprocessing": options.preprocessing,
                 "gradcam.target_layer": layer_path, "gradcam.score": head.score}
         proto = convert(module.gradcam, options.opset, meta)
-        model_bytes = proto.SerializeToString()
-        checks = verify(module.gradcam, model_bytes, size, options.verify_batch_sizes)
-        (tmp / C.ONNX_FILE).write_bytes(model_bytes)
-        files = [C.SAVED_MODEL_DIR, C.ONNX_FILE]
-        precision = {C.SAVED_MODEL_DIR: "fp32", C.ONNX_FILE: "fp32"}
+        precision: dict[str, str] = {}
+        checks: dict[str, Any] = {}
+        if options.precision in ("fp32", "both"):
+            tf.saved_model.save(module, str(tmp / C.SAVED_MODEL_DIR), signatures={C.SIGNATURE: concrete})
+            checks[C.ONNX_FILE] = _write_onnx(tmp / C.ONNX_FILE, proto, module.gradcam, size, options, "fp32")
+            precision.update({C.SAVED_MODEL_DIR: "fp32", C.ONNX_FILE: "fp32"})
+        if options.precision in ("fp16", "both"):
+            from export.fp16 import to_fp16
+
+            half = to_fp16(proto)
+            checks[C.ONNX_FP16_FILE] = _write_onnx(tmp / C.ONNX_FP16_FILE, half, module.gradcam, size, options,
+                                                   "fp16")
+            precision[C.ONNX_FP16_FILE] = "fp16"
+            note = _write_fp16_saved_model(tmp / C.SAVED_MODEL_FP16_DIR, model, options, size, key, tracked)
+            if note is None:
+                precision[C.SAVED_MODEL_FP16_DIR] = "mixed_float16"
+            else:
+                checks[C.SAVED_MODEL_FP16_DIR] = note
         manifest = _manifest(name, size, options, class_names, num_classes, layer_path, head, specs, fm_shape,
                              precision, checks)
-        manifest["files"] = file_table(tmp, files)
+        manifest["files"] = file_table(tmp, list(precision))
         (tmp / C.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
@@ -163,6 +175,45 @@ def export_artifact(model: ModelLike, out: str | Path, options: ExportOptions = 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _write_onnx(path: Path, proto: Any, fn: Any, size: tuple[int, int], options: ExportOptions,
+                precision: str) -> dict[str, Any]:
+    """Check an ONNX graph against the TensorFlow function, then write it; returns the check's figures."""
+    import onnx
+
+    from export.to_onnx import verify
+
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"{precision} ONNX model failed onnx.checker: {str(e).splitlines()[0]}") from None
+    data = proto.SerializeToString()
+    checks = verify(fn, data, size, options.verify_batch_sizes, precision=precision)
+    path.write_bytes(data)
+    return checks
+
+
+def _write_fp16_saved_model(path: Path, model: ModelLike, options: ExportOptions, size: tuple[int, int],
+                            key: str | None, tracked: list) -> str | None:
+    """The fp16 SavedModel: the mixed-precision twin of a Keras model, XLA-compiled. None when written, else
+    why not (a backbone/head pair of plain callables has no Keras config to rebuild in mixed precision)."""
+    import tensorflow as tf
+
+    from export.graph import FusedGradCAM
+    from export.head import KerasHead
+    from export.locate import split_model
+    from export.mixed import mixed_precision_twin
+
+    keras_model = tracked[0] if len(tracked) == 1 and not isinstance(model, tuple) else None
+    if keras_model is None:
+        return "skipped: an fp16 SavedModel needs a Keras model (not a backbone/head pair); the fp16 ONNX is written"
+    twin = mixed_precision_twin(keras_model)
+    split = split_model(twin, options.layer)
+    module = FusedGradCAM(split.backbone, KerasHead(split.head), size, options.preprocessing, tracked=[twin],
+                          jit_compile=True)
+    tf.saved_model.save(module, str(path), signatures={C.SIGNATURE: module.gradcam.get_concrete_function()})
+    return None
 
 
 def _manifest(name: str, size: tuple[int, int], options: ExportOptions, class_names: list[str] | None,

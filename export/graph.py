@@ -20,12 +20,15 @@ def gradcam_map(feature_maps: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
     return tf.where(peak > 0, cam / safe, tf.zeros_like(cam))                      # 0 where the map is all <= 0
 
 
+FP16_SCOPE = "backbone/"  # fp16 artifacts run only this scope in half precision; the rest is small and sensitive
+
+
 class FusedGradCAM(tf.Module):
     """Holds the model parts (so a SavedModel tracks their weights) and the one fused function."""
 
     def __init__(self, backbone: Callable[[tf.Tensor], Any], head: KerasHead | CallableHead,
                  input_size: tuple[int, int], preprocessing: str, feature_key: str | None = None,
-                 tracked: list[Any] | None = None):
+                 tracked: list[Any] | None = None, jit_compile: bool = False):
         super().__init__(name="gradcam")
         self.backbone = backbone
         self.head = head
@@ -34,27 +37,37 @@ class FusedGradCAM(tf.Module):
         self._feature_key = feature_key
         self._preprocessing = preprocessing
         h, w = input_size
-        self.gradcam = tf.function(self._gradcam, input_signature=[
+        self.gradcam = tf.function(self._gradcam, jit_compile=jit_compile or None, input_signature=[
             tf.TensorSpec([None, h, w, 3], tf.uint8, name=C.IMAGES),
             tf.TensorSpec([None], tf.int32, name=C.CLASS_INDEX),
         ])
 
     def _gradcam(self, images: tf.Tensor, class_index: tf.Tensor) -> dict[str, tf.Tensor]:
-        x = preprocess(images, self._preprocessing)          # (N, H, W, 3) float32
-        fm = self.backbone(x, training=False) if hasattr(self.backbone, "layers") else self.backbone(x)
-        if self._feature_key is not None:                     # a backbone returning a dict of levels
-            fm = fm[self._feature_key]
-        out = self.head(fm)                                   # predictions (N, K), logits (N, K)
-        top1 = tf.argmax(out.predictions, axis=-1, output_type=tf.int32)
-        target = tf.where(class_index < 0, top1, class_index)  # (N,)
-        onehot = tf.one_hot(target, tf.shape(out.logits)[-1], dtype=out.logits.dtype)  # (N, K); d score / d logits
-        score = tf.reduce_sum(out.logits * onehot, axis=-1)   # (N,)
-        grads = out.pullback(onehot)                          # (N, h, w, C)
+        # Name scopes let the fp16 conversion find the backbone (FP16_SCOPE); the rest stays float32.
+        with tf.name_scope("preprocess"):
+            x = preprocess(images, self._preprocessing)      # (N, H, W, 3) float32
+        with tf.name_scope(FP16_SCOPE.rstrip("/")):
+            fm = self.backbone(x, training=False) if hasattr(self.backbone, "layers") else self.backbone(x)
+            if self._feature_key is not None:                 # a backbone returning a dict of levels
+                fm = fm[self._feature_key]
+        with tf.name_scope("head"):
+            out = self.head(fm)                               # predictions (N, K), logits (N, K)
+            top1 = tf.argmax(out.predictions, axis=-1, output_type=tf.int32)
+            target = tf.where(class_index < 0, top1, class_index)  # (N,)
+            num_classes = out.logits.shape[-1] or tf.shape(out.logits)[-1]  # static when known: a constant OneHot depth
+            onehot = tf.one_hot(target, num_classes, dtype=out.logits.dtype)  # d score / d logits
+            score = tf.reduce_sum(out.logits * onehot, axis=-1)  # (N,)
+            grads = out.pullback(onehot)                      # (N, h, w, C)
+        with tf.name_scope("cam"):
+            cam = gradcam_map(tf.cast(fm, tf.float32), tf.cast(grads, tf.float32))
+
+        def f32(t: tf.Tensor, name: str) -> tf.Tensor:
+            return tf.identity(tf.cast(t, tf.float32) if t.dtype.is_floating else t, name=name)
         return {
-            C.PREDICTIONS: tf.identity(out.predictions, name=C.PREDICTIONS),
-            C.TARGET_CLASS: tf.identity(target, name=C.TARGET_CLASS),
-            C.TARGET_SCORE: tf.identity(score, name=C.TARGET_SCORE),
-            C.FEATURE_MAPS: tf.identity(fm, name=C.FEATURE_MAPS),
-            C.GRADIENTS: tf.identity(grads, name=C.GRADIENTS),
-            C.CAM: tf.identity(gradcam_map(fm, grads), name=C.CAM),
+            C.PREDICTIONS: f32(out.predictions, C.PREDICTIONS),
+            C.TARGET_CLASS: f32(target, C.TARGET_CLASS),
+            C.TARGET_SCORE: f32(score, C.TARGET_SCORE),
+            C.FEATURE_MAPS: f32(fm, C.FEATURE_MAPS),
+            C.GRADIENTS: f32(grads, C.GRADIENTS),
+            C.CAM: f32(cam, C.CAM),
         }

@@ -41,8 +41,10 @@ def supported_layers() -> list[str]:
     return sorted(t.__name__ for t in _RULES)
 
 
-def _v(variable: Any) -> tf.Tensor:
-    return tf.convert_to_tensor(variable)
+def _v(variable: Any, dtype: tf.DType) -> tf.Tensor:
+    """A layer weight in the compute dtype (weights stay float32 under a mixed-precision policy)."""
+    t = tf.convert_to_tensor(variable)
+    return t if t.dtype == dtype else tf.cast(t, dtype)
 
 
 # --- activations: derivative written with the forward value where that is cheaper -----------------------------
@@ -130,10 +132,10 @@ def _flatten(layer: Any, x: tf.Tensor) -> tuple[tf.Tensor, Pullback]:
 def _dense(layer: Any, x: tf.Tensor) -> tuple[tf.Tensor, Pullback]:
     if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
         raise ExportError(f"head layer {layer.name!r}: LoRA or quantized Dense layers are not supported")
-    kernel = _v(layer.kernel)  # (in, out)
+    kernel = _v(layer.kernel, x.dtype)  # (in, out)
     z = tf.matmul(x, kernel) if x.shape.rank == 2 else tf.tensordot(x, kernel, axes=1)
     if layer.use_bias:
-        z = z + _v(layer.bias)
+        z = z + _v(layer.bias, x.dtype)
     a, act_pullback = _activation(activation_name(layer.activation), z, f"head layer {layer.name!r}")
 
     def pullback(g: tf.Tensor) -> tf.Tensor:
@@ -148,12 +150,12 @@ def _batch_norm(layer: Any, x: tf.Tensor) -> tuple[tf.Tensor, Pullback]:
     axis = layer.axis if isinstance(layer.axis, int) else (layer.axis[0] if len(layer.axis) == 1 else None)
     if axis is None or axis not in (-1, x.shape.rank - 1):
         raise ExportError(f"head layer {layer.name!r}: BatchNormalization must normalise the last axis")
-    inv = tf.math.rsqrt(_v(layer.moving_variance) + layer.epsilon)  # inference mode: moving statistics
+    inv = tf.math.rsqrt(_v(layer.moving_variance, x.dtype) + layer.epsilon)  # inference mode: moving statistics
     if layer.scale:
-        inv = inv * _v(layer.gamma)
-    y = (x - _v(layer.moving_mean)) * inv
+        inv = inv * _v(layer.gamma, x.dtype)
+    y = (x - _v(layer.moving_mean, x.dtype)) * inv
     if layer.center:
-        y = y + _v(layer.beta)
+        y = y + _v(layer.beta, x.dtype)
     return y, lambda g: g * inv
 
 
@@ -200,17 +202,18 @@ class KerasHead:
             if i == last and self.final:
                 if isinstance(layer, keras.layers.Dense):  # the last Dense without its activation gives the logit
                     x, pb = _dense(_LinearView(layer), x)
-                    pullbacks.append(pb)
-                logits = x
-                x = tf.nn.softmax(x, axis=-1) if self.final == "softmax" else tf.sigmoid(x)
+                    pullbacks.append((pb, x.dtype))
+                logits = tf.cast(x, tf.float32)  # softmax/sigmoid in float32, as mixed precision advises
+                x = tf.nn.softmax(logits, axis=-1) if self.final == "softmax" else tf.sigmoid(logits)
                 break
             x, pb = _RULES[type(layer)](layer, x)
-            pullbacks.append(pb)
-        logits = x if logits is None else logits
+            pullbacks.append((pb, x.dtype))
+        if logits is None:  # no final softmax/sigmoid: the output is the score; float32 like the rest of the head
+            x = logits = tf.cast(x, tf.float32)
 
         def pullback(g: tf.Tensor) -> tf.Tensor:
-            for pb in reversed(pullbacks):
-                g = pb(g)
+            for pb, dtype in reversed(pullbacks):
+                g = pb(tf.cast(g, dtype) if g.dtype != dtype else g)
             return g
         return HeadOutput(predictions=x, logits=logits, pullback=pullback)
 
