@@ -11,12 +11,14 @@ import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
 from engine.decode import DecodedImage, DecodeError, decode_image
 from engine.inputs import InputItem, ReadError, read_bytes
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -77,6 +79,42 @@ def batches(loaded: Iterable[Loaded], batch_size: int) -> Iterator[Batch]:
             current, good = [], 0
     if current:
         yield Batch(current)
+
+
+def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """Drive an iterator from a background thread, `depth` items ahead: the next batch is decoded, stacked and
+    staged (copied to the GPU when bound) while the current one runs. Exceptions re-raise in the consumer."""
+    box: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        box.put(("item", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            box.put(("end", done))
+        except BaseException as e:  # surfaced in the consumer
+            box.put(("error", e))
+
+    thread = threading.Thread(target=produce, name="stage", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = box.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
 
 
 class BackgroundWriter:

@@ -23,7 +23,7 @@ from engine.decode import DEFAULT_MAX_PIXELS
 from engine.errors import RunError
 from engine.inputs import list_inputs
 from engine.overlay import overlays
-from engine.pipeline import BackgroundWriter, Batch, batches, load, ordered_map
+from engine.pipeline import BackgroundWriter, Batch, batches, load, ordered_map, prefetch
 from engine.progress import Progress
 from engine.results import (RESULTS_DIR, clean_partial, concat, count_rows, done_paths, error_row, ok_rows,
                             to_table, write_shard)
@@ -51,6 +51,11 @@ class RunConfig:
     max_bytes: int = 256 << 20       # larger files are refused before reading
     max_pixels: int = DEFAULT_MAX_PIXELS
     threads: int = 0                 # runtime intra-op threads; 0 = runtime default
+    precision: str = "auto"          # auto (fp16 on CUDA when exported) | fp32 | fp16
+    io_binding: bool | None = None   # None: on for CUDA
+    fixed_batch: bool = False        # pad the last batch to batch_size (stable shapes; needed by cuda_graph)
+    cuda_graph: bool = False
+    trt: bool = False
     progress: bool | None = None     # None: on a terminal only
 
 
@@ -103,10 +108,10 @@ def _overlay_limit(spec: str) -> int:
     raise RunError(f"--overlays {spec!r}: use none, all or a number")
 
 
-def _fingerprint(config: RunConfig, artifact_sum: str, class_index: int) -> dict[str, Any]:
+def _fingerprint(config: RunConfig, artifact_sum: str, class_index: int, precision: str) -> dict[str, Any]:
     """The options that decide what a row contains; a resumed run must match them."""
     return {"artifact_sha256": artifact_sum, "inputs": [str(s) for s in config.inputs], "backend": config.backend,
-            "class_index": class_index, "overlays": config.overlays}
+            "precision": precision, "class_index": class_index, "overlays": config.overlays}
 
 
 def _versions() -> dict[str, str]:
@@ -153,12 +158,17 @@ def run_gradcam(config: RunConfig, runner: Callable[[dict[str, np.ndarray]], dic
     overlay_limit = _overlay_limit(config.overlays)
     listing = list_inputs(config.inputs)  # raises InputError for a missing path, before anything is written
     if runner is None:
-        runner = GradCAMRunner(config.artifact, RunnerOptions(config.backend, config.device, config.threads))
+        runner = GradCAMRunner(config.artifact, RunnerOptions(
+            backend=config.backend, device=config.device, threads=config.threads, precision=config.precision,
+            io_binding=config.io_binding, fixed_batch=config.batch_size if config.fixed_batch else 0,
+            cuda_graph=config.cuda_graph, trt=config.trt,
+            trt_cache=str(Path(config.out) / "trt_cache") if config.trt else None))
     artifact = getattr(runner, "artifact", None) or load_artifact(config.artifact, verify=[])
     labels = artifact.class_names
     class_index = resolve_target(config.target, labels)
     out = Path(config.out)
-    fingerprint = _fingerprint(config, artifact.checksum, class_index)
+    precision = getattr(runner, "precision", "fp32")
+    fingerprint = _fingerprint(config, artifact.checksum, class_index, precision)
     _prepare_run_dir(out, fingerprint, config.overwrite)
     results_dir = out / RESULTS_DIR
     clean_partial(results_dir)
@@ -169,16 +179,16 @@ def run_gradcam(config: RunConfig, runner: Callable[[dict[str, np.ndarray]], dic
     run_info: dict[str, Any] = {
         "status": "running", "fingerprint": fingerprint, "artifact": str(config.artifact),
         "options": {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in asdict(config).items()},
-        "device": device, "versions": _versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "device": device, "precision": precision, "versions": _versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     _write_json(out / RUN_JSON, run_info)
 
     overlay_keys = {item.key for item in listing.items[:overlay_limit]} if overlay_limit else set()
     size = artifact.input_size
     workers = config.workers or max(1, os.cpu_count() or 1)
-    prefetch = max(2 * config.batch_size, 4 * workers)
+    in_flight = max(2 * config.batch_size, 4 * workers)
     loaded = ordered_map(lambda item: load(item, size, config.max_bytes, config.max_pixels,
-                                           item.key in overlay_keys), pending, workers, prefetch)
+                                           item.key in overlay_keys), pending, workers, in_flight)
     shard: list[dict[str, list[Any]]] = []
     shard_rows = 0
     progress = Progress(len(pending), enabled=config.progress)
@@ -201,15 +211,22 @@ def run_gradcam(config: RunConfig, runner: Callable[[dict[str, np.ndarray]], dic
         if shard_rows >= config.shard_size:
             flush()
 
+    def stage(batch: Batch) -> tuple[Batch, Any]:
+        """Stack a batch's images and hand them to the runner's staging step (runs in the prefetch thread)."""
+        good = [x for x in batch.loaded if x.image is not None]
+        if not good:
+            return batch, None
+        feed = {C.IMAGES: np.stack([x.image.pixels for x in good]),
+                C.CLASS_INDEX: np.full(len(good), class_index, np.int32)}
+        return batch, (runner.prepare(feed) if hasattr(runner, "prepare") else feed)
+
     start = time.perf_counter()
     writer = BackgroundWriter(write)
     try:
-        for batch in batches(loaded, config.batch_size):
-            good = [x for x in batch.loaded if x.image is not None]
+        for batch, staged in prefetch(map(stage, batches(loaded, config.batch_size))):
             outputs = None
-            if good:
-                images = np.stack([x.image.pixels for x in good])
-                outputs = runner({C.IMAGES: images, C.CLASS_INDEX: np.full(len(good), class_index, np.int32)})
+            if staged is not None:
+                outputs = runner.run_prepared(staged) if hasattr(runner, "run_prepared") else runner(staged)
             writer.put((batch, outputs))
             progress.update(len(batch.loaded))
     finally:
@@ -222,7 +239,8 @@ def run_gradcam(config: RunConfig, runner: Callable[[dict[str, np.ndarray]], dic
         out=str(out), images=len(listing.items), ok=counts.get("ok", 0), errors=counts.get("error", 0),
         processed=len(pending), skipped_resume=len(listing.items) - len(pending),
         skipped_non_image=listing.skipped_non_image, seconds=seconds,
-        images_per_second=len(pending) / seconds if seconds > 0 else 0.0, device=device, backend=config.backend,
+        images_per_second=len(pending) / seconds if seconds > 0 else 0.0, device=device,
+        backend=f"{config.backend} {precision}",
         extra={"overlays": bool(overlay_keys)})
     run_info.update(status="complete", counts={"inputs": summary.images, "ok": summary.ok, "error": summary.errors,
                                                "skipped_non_image": summary.skipped_non_image,

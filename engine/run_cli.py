@@ -1,4 +1,4 @@
-"""`gradcam run`: parse, build a RunConfig, call run_gradcam, print the summary."""
+"""`gradcam run`: parse, build a RunConfig, call run_gradcam or run_gradcam_ray (--runner ray), print the summary."""
 from __future__ import annotations
 
 import argparse
@@ -10,9 +10,25 @@ def _run(args: argparse.Namespace) -> int:
     config = RunConfig(
         artifact=args.artifact, inputs=args.inputs, out=args.out, backend=args.backend, device=args.device,
         batch_size=args.batch_size, target=args.target, overlays=args.overlays, workers=args.workers,
-        shard_size=args.shard_size, overwrite=args.overwrite, threads=args.threads)
+        shard_size=args.shard_size, overwrite=args.overwrite, threads=args.threads, precision=args.precision,
+        io_binding=args.io_binding, fixed_batch=args.fixed_batch or args.cuda_graph, cuda_graph=args.cuda_graph,
+        trt=args.trt)
+    ray_flags = {name: getattr(args, name) for name in RAY_FLAGS if getattr(args, name) is not None}
+    if args.runner == "ray":
+        from engine.ray_runner import RayOptions, run_gradcam_ray
+
+        print(run_gradcam_ray(config, RayOptions(**ray_flags)).text())
+        return 0
+    if ray_flags:
+        from engine.errors import RunError
+
+        raise RunError(f"--{next(iter(ray_flags)).replace('_', '-')} needs --runner ray")
     print(run_gradcam(config).text())
     return 0
+
+
+# Options of the Ray runner, named as RayOptions' fields; Ray is imported only when --runner ray is chosen.
+RAY_FLAGS = ("address", "num_gpus_per_worker", "num_cpus_per_worker", "concurrency")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,4 +47,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0, help="inference threads (default: the runtime's)")
     p.add_argument("--shard-size", type=int, default=4096, help="rows per Parquet shard (resume granularity)")
     p.add_argument("--overwrite", action="store_true", help="replace results of a different earlier run")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16"],
+                   help="auto: fp16 on CUDA when the artifact has it, else fp32")
+    p.add_argument("--io-binding", default=None, action=argparse.BooleanOptionalAction,
+                   help="ONNX Runtime IO binding (default: on for CUDA)")
+    p.add_argument("--fixed-batch", action="store_true", help="pad the last batch to --batch-size (stable shapes)")
+    p.add_argument("--cuda-graph", action="store_true", help="ONNX Runtime CUDA graphs (implies --fixed-batch)")
+    p.add_argument("--trt", action="store_true", help="TensorRT execution provider, fp16, engine cache in RUN_DIR")
+    p.add_argument("--runner", default="local", choices=["local", "ray"],
+                   help="local: this process; ray: Ray Data tasks and actors on a local or remote Ray cluster")
+    p.add_argument("--address", help="--runner ray: join this cluster (auto, or ray://HOST:10001); "
+                                     "default: $RAY_ADDRESS, else start a local Ray")
+    p.add_argument("--num-gpus-per-worker", type=float, help="--runner ray: GPUs per model replica (CUDA when > 0)")
+    p.add_argument("--num-cpus-per-worker", type=float, help="--runner ray: CPUs (and inference threads) per replica")
+    p.add_argument("--concurrency", type=int, help="--runner ray: model replicas (default: one per GPU share, "
+                                                   "else 1 up to half the cluster's CPUs)")
     p.set_defaults(handler=_run)

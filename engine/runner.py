@@ -1,11 +1,13 @@
 """The engine's core: load an exported artifact once, then batch in, batch out.
 
 `GradCAMRunner` is a plain callable `dict[str, ndarray] -> dict[str, ndarray]`, so the same object serves the
-local streaming loop, a benchmark, or a Ray Data `map_batches` actor.
+local streaming loop, a benchmark, or a Ray Data `map_batches` actor. `prepare` and `run_prepared` split a call in
+two so that a pipeline can stage batch k+1 (stack, pad, copy to the GPU) while batch k computes.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -17,10 +19,36 @@ from engine.errors import RunError
 Batch = dict[str, np.ndarray]
 
 
+@dataclass(frozen=True)
+class RunnerOptions:
+    """How to run an artifact: which runtime, device and precision, and the GPU feeding strategy."""
+
+    backend: str = "onnx"          # onnx | tf
+    device: str = "auto"           # auto | cpu | cuda
+    threads: int = 0               # intra-op threads; 0 = the runtime's default
+    precision: str = "auto"        # auto (fp16 on CUDA when the artifact has it) | fp32 | fp16
+    io_binding: bool | None = None  # None: on for CUDA. Inputs go to the device once, only needed outputs come back
+    fixed_batch: int = 0           # pad every batch to this size (stable shapes; required by cuda_graph)
+    cuda_graph: bool = False       # ONNX Runtime CUDA graphs: replay one captured graph per batch
+    trt: bool = False              # TensorRT execution provider (fp16), engine cache in trt_cache
+    trt_cache: str | None = None
+
+
+@dataclass
+class Prepared:
+    """A batch staged for the runtime: padded to the fixed size if any, on the device when bound."""
+
+    n: int                 # real images (the rest is padding)
+    feed: Any              # what the backend's run_prepared consumes
+
+
 class Backend(Protocol):
     device: str
+    precision: str
 
-    def run(self, images: np.ndarray, class_index: np.ndarray, outputs: tuple[str, ...]) -> Batch: ...
+    def prepare(self, images: np.ndarray, class_index: np.ndarray) -> Any: ...
+
+    def run_prepared(self, feed: Any, outputs: tuple[str, ...]) -> Batch: ...
 
 
 def cuda_available() -> bool:
@@ -30,53 +58,146 @@ def cuda_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
-class OnnxBackend:
-    """ONNX Runtime session over model.onnx; CUDA when asked for (or available under auto), else CPU."""
+def choose_precision(requested: str, device: str, available: dict[str, str]) -> str:
+    """fp16 on CUDA when the artifact has it (auto), else fp32; an explicit request must exist in the artifact."""
+    if requested not in ("auto", "fp32", "fp16"):
+        raise RunError(f"unknown precision {requested!r}; choose auto, fp32 or fp16")
+    if requested == "auto":
+        if device == "cuda" and "fp16" in available:
+            return "fp16"
+        return "fp32" if "fp32" in available else "fp16"
+    if requested not in available:
+        raise RunError(f"--precision {requested}: the artifact has no {requested} file for this backend; "
+                       f"re-export with --precision {requested} or both")
+    return requested
 
-    def __init__(self, artifact: Artifact, device: str = "auto", threads: int = 0, onnx_file: str = C.ONNX_FILE):
+
+def _onnx_files(artifact: Artifact) -> dict[str, str]:
+    files = {}
+    for name, precision in artifact.manifest.get("precision", {C.ONNX_FILE: "fp32"}).items():
+        if name.endswith(".onnx"):
+            files["fp16" if precision == "fp16" else "fp32"] = name
+    return files
+
+
+class OnnxBackend:
+    """ONNX Runtime over model.onnx or model_fp16.onnx; CUDA (optionally TensorRT) when present, else CPU."""
+
+    def __init__(self, artifact: Artifact, options: RunnerOptions):
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads
-        want_cuda = device == "cuda" or (device == "auto" and cuda_available())
-        if device == "cuda" and not cuda_available():
+        self._ort = ort
+        want_cuda = options.device == "cuda" or (options.device == "auto" and cuda_available())
+        if options.device == "cuda" and not cuda_available():
             raise RunError("--device cuda: this onnxruntime has no CUDA provider; install gradcam-engine[gpu] "
                            "(onnxruntime-gpu) or use --device cpu")
+        files = _onnx_files(artifact)
+        self.precision = choose_precision(options.precision, "cuda" if want_cuda else "cpu", files)
+        path = artifact.path(files[self.precision])
+        load_artifact(artifact.root, verify=[files[self.precision]])  # checksum of the file actually loaded
+
+        session_options = ort.SessionOptions()
+        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if options.threads:
+            session_options.intra_op_num_threads = options.threads
         providers: list[Any] = ["CPUExecutionProvider"]
         if want_cuda:
-            providers.insert(0, ("CUDAExecutionProvider", {"prefer_nhwc": "1", "cudnn_conv_algo_search": "EXHAUSTIVE"}))
-        self.session = ort.InferenceSession(str(artifact.path(onnx_file)), options, providers=providers)
-        self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
-        if device == "cuda" and self.device != "cuda":
+            cuda = {"prefer_nhwc": "1", "cudnn_conv_algo_search": "EXHAUSTIVE",
+                    "cudnn_conv_use_max_workspace": "1", "do_copy_in_default_stream": "0"}
+            if options.cuda_graph:
+                cuda["enable_cuda_graph"] = "1"
+            providers.insert(0, ("CUDAExecutionProvider", cuda))
+            if options.trt:
+                cache = options.trt_cache or str(Path.home() / ".cache" / "gradcam-engine" / "trt")
+                Path(cache).mkdir(parents=True, exist_ok=True)
+                providers.insert(0, ("TensorrtExecutionProvider", {
+                    "trt_fp16_enable": "True", "trt_engine_cache_enable": "True", "trt_engine_cache_path": cache}))
+        self.session = ort.InferenceSession(str(path), session_options, providers=providers)
+        active = self.session.get_providers()
+        self.device = "cuda" if "CUDAExecutionProvider" in active else "cpu"
+        if options.device == "cuda" and self.device != "cuda":
             raise RunError("--device cuda: the CUDA provider failed to load (see onnxruntime's log); "
                            "use --device cpu")
+        if options.trt and "TensorrtExecutionProvider" not in active:
+            raise RunError("--trt: the TensorRT provider did not load (TensorRT's libraries are missing?)")
+        if options.cuda_graph and (self.device != "cuda" or not options.fixed_batch):
+            raise RunError("--cuda-graph needs CUDA and a fixed batch size (--fixed-batch N)")
+        self.io_binding = options.io_binding if options.io_binding is not None else self.device == "cuda"
+        self.cuda_graph = options.cuda_graph
+        self._static: dict[str, Any] | None = None
 
-    def run(self, images: np.ndarray, class_index: np.ndarray, outputs: tuple[str, ...]) -> Batch:
-        values = self.session.run(list(outputs), {C.IMAGES: images, C.CLASS_INDEX: class_index})
-        return dict(zip(outputs, values))
+    def prepare(self, images: np.ndarray, class_index: np.ndarray) -> Any:
+        if not self.io_binding:
+            return {C.IMAGES: images, C.CLASS_INDEX: class_index}
+        if self.cuda_graph:  # captured graphs replay fixed buffers: copy into them
+            return images, class_index
+        ortvalue = self._ort.OrtValue.ortvalue_from_numpy
+        device = "cuda" if self.device == "cuda" else "cpu"
+        # Copied to the device here, in the staging thread, so the copy overlaps the previous batch's compute.
+        return ortvalue(images, device, 0), ortvalue(class_index, device, 0)
+
+    def run_prepared(self, feed: Any, outputs: tuple[str, ...]) -> Batch:
+        if not self.io_binding:
+            return dict(zip(outputs, self.session.run(list(outputs), feed)))
+        if self.cuda_graph:
+            return self._run_graph(feed, outputs)
+        images, class_index = feed
+        binding = self.session.io_binding()
+        binding.bind_ortvalue_input(C.IMAGES, images)
+        binding.bind_ortvalue_input(C.CLASS_INDEX, class_index)
+        for name in outputs:  # kept on the device; only these are copied back, never feature maps or gradients
+            binding.bind_output(name, "cuda" if self.device == "cuda" else "cpu")
+        self.session.run_with_iobinding(binding)
+        return dict(zip(outputs, binding.copy_outputs_to_cpu()))
+
+    def _run_graph(self, feed: tuple[np.ndarray, np.ndarray], outputs: tuple[str, ...]) -> Batch:
+        images, class_index = feed
+        if self._static is None:  # first call: fixed device buffers, bound once, then captured by ONNX Runtime
+            ov = self._ort.OrtValue
+            static = {C.IMAGES: ov.ortvalue_from_numpy(images, "cuda", 0),
+                      C.CLASS_INDEX: ov.ortvalue_from_numpy(class_index, "cuda", 0)}
+            binding = self.session.io_binding()
+            for name in (C.IMAGES, C.CLASS_INDEX):
+                binding.bind_ortvalue_input(name, static[name])
+            for name in outputs:
+                binding.bind_output(name, "cuda")
+            self._static = {"values": static, "binding": binding}
+        else:
+            self._static["values"][C.IMAGES].update_inplace(images)
+            self._static["values"][C.CLASS_INDEX].update_inplace(class_index)
+        binding = self._static["binding"]
+        self.session.run_with_iobinding(binding)
+        return dict(zip(outputs, binding.copy_outputs_to_cpu()))
 
 
 class TFBackend:
     """The SavedModel's serving signature; TensorFlow is imported only when this backend is chosen."""
 
-    def __init__(self, artifact: Artifact, device: str = "auto", saved_model: str = C.SAVED_MODEL_DIR):
+    def __init__(self, artifact: Artifact, options: RunnerOptions):
         try:
             import tensorflow as tf
         except ImportError:
             raise RunError("--backend tf needs TensorFlow: pip install 'gradcam-engine[export]'") from None
         gpus = tf.config.list_physical_devices("GPU")
-        if device == "cuda" and not gpus:
+        if options.device == "cuda" and not gpus:
             raise RunError("--device cuda: TensorFlow sees no GPU; use --device cpu")
-        self.device = "cuda" if gpus and device != "cpu" else "cpu"
+        self.device = "cuda" if gpus and options.device != "cpu" else "cpu"
+        available = {("fp16" if p != "fp32" else "fp32"): name
+                     for name, p in artifact.manifest.get("precision", {C.SAVED_MODEL_DIR: "fp32"}).items()
+                     if not name.endswith(".onnx")}
+        self.precision = choose_precision(options.precision, self.device, available)
+        load_artifact(artifact.root, verify=[available[self.precision]])
         self._tf = tf
         self._device_name = "/GPU:0" if self.device == "cuda" else "/CPU:0"
         with tf.device(self._device_name):
-            self._fn = tf.saved_model.load(str(artifact.path(saved_model))).signatures[C.SIGNATURE]
+            self._fn = tf.saved_model.load(str(artifact.path(available[self.precision]))).signatures[C.SIGNATURE]
 
-    def run(self, images: np.ndarray, class_index: np.ndarray, outputs: tuple[str, ...]) -> Batch:
+    def prepare(self, images: np.ndarray, class_index: np.ndarray) -> Any:
+        return images, class_index
+
+    def run_prepared(self, feed: Any, outputs: tuple[str, ...]) -> Batch:
         tf = self._tf
+        images, class_index = feed
         with tf.device(self._device_name):
             result = self._fn(**{C.IMAGES: tf.constant(images), C.CLASS_INDEX: tf.constant(class_index)})
         return {k: result[k].numpy() for k in outputs}
@@ -85,38 +206,44 @@ class TFBackend:
 BACKENDS = {"onnx": OnnxBackend, "tf": TFBackend}
 
 
-@dataclass(frozen=True)
-class RunnerOptions:
-    """How to run an artifact: which runtime, on which device."""
-
-    backend: str = "onnx"
-    device: str = "auto"
-    threads: int = 0
-
-
 class GradCAMRunner:
     """Loads the artifact once; each call maps a batch {images, class_index} to the engine's outputs."""
 
-    def __init__(self, artifact: str | Any, options: RunnerOptions = RunnerOptions()):
+    def __init__(self, artifact: str | Path | Artifact, options: RunnerOptions = RunnerOptions()):
         if options.backend not in BACKENDS:
             raise RunError(f"unknown backend {options.backend!r}; choose {', '.join(BACKENDS)}")
         if options.device not in ("auto", "cpu", "cuda"):
             raise RunError(f"unknown device {options.device!r}; choose auto, cpu or cuda")
-        needed = [C.ONNX_FILE] if options.backend == "onnx" else [C.SAVED_MODEL_DIR]
-        self.artifact = artifact if isinstance(artifact, Artifact) else load_artifact(artifact, verify=needed)
+        self.artifact = artifact if isinstance(artifact, Artifact) else load_artifact(artifact, verify=[])
         self.options = options
-        if options.backend == "onnx":
-            self.backend: Backend = OnnxBackend(self.artifact, options.device, options.threads)
-        else:
-            self.backend = TFBackend(self.artifact, options.device)
+        self.backend: Backend = BACKENDS[options.backend](self.artifact, options)
 
     @property
     def device(self) -> str:
         return self.backend.device
 
-    def __call__(self, batch: Batch) -> Batch:
+    @property
+    def precision(self) -> str:
+        return self.backend.precision
+
+    def prepare(self, batch: Batch) -> Prepared:
+        """Stage a batch: contiguous uint8, padded to the fixed size, copied to the device when bound."""
         images = np.ascontiguousarray(batch[C.IMAGES], dtype=np.uint8)
         n = images.shape[0]
         class_index = batch.get(C.CLASS_INDEX)
         class_index = np.full((n,), -1, np.int32) if class_index is None else np.asarray(class_index, np.int32)
-        return self.backend.run(images, class_index, C.ENGINE_OUTPUTS)
+        fixed = self.options.fixed_batch
+        if fixed and n > fixed:
+            raise RunError(f"a batch of {n} is larger than the fixed batch size {fixed}")
+        if fixed and n < fixed:  # padding rows repeat the last image; their outputs are dropped
+            images = np.concatenate([images, np.repeat(images[-1:], fixed - n, axis=0)])
+            class_index = np.concatenate([class_index, np.repeat(class_index[-1:], fixed - n)])
+        return Prepared(n=n, feed=self.backend.prepare(images, class_index))
+
+    def run_prepared(self, prepared: Prepared) -> Batch:
+        """Run a staged batch; padding rows are cut off."""
+        out = self.backend.run_prepared(prepared.feed, C.ENGINE_OUTPUTS)
+        return {k: v[:prepared.n] for k, v in out.items()}
+
+    def __call__(self, batch: Batch) -> Batch:
+        return self.run_prepared(self.prepare(batch))
