@@ -24,6 +24,9 @@ ENGINE_OUTPUTS: tuple[str, ...] = (PREDICTIONS, TARGET_CLASS, TARGET_SCORE, CAM)
 
 PREPROCESSING = ("none", "caffe", "tf", "torch")
 
+# Name scope of the backbone inside the fused graph: fp16 artifacts run only this part in half precision.
+FP16_SCOPE = "backbone/"
+
 MANIFEST = "manifest.json"
 ONNX_FILE = "model.onnx"
 ONNX_FP16_FILE = "model_fp16.onnx"

@@ -2,9 +2,9 @@
 
 A small pass of our own rather than a generic converter: the generic one retypes tensors without retyping the
 `Cast` nodes that produce them and mishandles constants shared across precisions, which ONNX Runtime then refuses.
-Here the rule is simple. Nodes in the backbone's scope (export.graph.FP16_SCOPE) compute in fp16; the
-preprocessing, the head, the target selection and the CAM (cheap and precision-sensitive) stay float32; a Cast is inserted on each edge that crosses
-between the two, and Cast pairs that cancel are removed. Converting the fp32 ONNX (instead of tracing a
+Here the rule is simple. Nodes in the backbone's scope (engine.contract.FP16_SCOPE) compute in fp16; the
+preprocessing, the head, the target selection and the CAM (cheap and precision-sensitive) stay float32; a Cast
+is inserted on each edge that crosses between the two, and Cast pairs that cancel are removed. Converting the fp32 ONNX (instead of tracing a
 mixed-precision Keras model) keeps tf2onnx's Conv+BatchNorm folding. Inputs and outputs keep their types.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from export.graph import FP16_SCOPE
+from engine.contract import FP16_SCOPE
 
 FP32_OPS = frozenset({"Softmax", "Sigmoid", "ArgMax", "OneHot", "TopK"})
 # (op, input index) that the ONNX spec requires to stay float32 whatever the data type.

@@ -20,7 +20,7 @@ def gradcam_map(feature_maps: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
     return tf.where(peak > 0, cam / safe, tf.zeros_like(cam))                      # 0 where the map is all <= 0
 
 
-FP16_SCOPE = "backbone/"  # fp16 artifacts run only this scope in half precision; the rest is small and sensitive
+FP16_SCOPE = C.FP16_SCOPE  # fp16 artifacts run only this scope in half precision; the rest is small and sensitive
 
 
 class FusedGradCAM(tf.Module):
