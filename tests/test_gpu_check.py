@@ -1,0 +1,77 @@
+"""The GPU check script runs end to end (on the CPU, dry run), so device time is never spent debugging it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+import onnx
+import pytest
+
+from bench import gpu_check
+from bench.onnx_weights import fill_weights, strip_weights
+from engine import contract as C
+from export.fp16 import to_fp16
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(16, 3, activation="relu")(inputs)
+    x = keras.layers.Conv2D(16, 3, activation="relu", name="last")(x)  # 2,304 weights: stripped
+    x = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(x))
+    root = tmp_path_factory.mktemp("gpu")
+    keras.Model(inputs, x).save(root / "m.keras")
+    return gpu_check.prepare(str(root / "m.keras"), root / "prepared", "none")
+
+
+def test_prepared_graphs_travel_without_their_weights(prepared: Path) -> None:
+    for name in (gpu_check.FUSED, gpu_check.FORWARD):
+        model = onnx.load(str(prepared / name))
+        stripped = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and
+                    not i.raw_data and not i.float_data]
+        assert stripped, "the large weights are stripped"
+        filled = fill_weights(model, seed=0)
+        onnx.checker.check_model(filled, full_check=True)
+        assert not any(p.key == "gradcam.stripped" for p in filled.metadata_props)
+
+
+def test_forward_graph_converts_to_fp16_like_the_fused_one(prepared: Path) -> None:
+    forward = to_fp16(fill_weights(onnx.load(str(prepared / gpu_check.FORWARD))))
+    kernels = {n.input[1] for n in forward.graph.node if n.op_type == "Conv"}
+    types = {i.name: i.data_type for i in forward.graph.initializer}
+    assert kernels and all(types[k] == onnx.TensorProto.FLOAT16 for k in kernels)
+
+
+def test_strip_and_fill_keep_shapes_and_small_constants() -> None:
+    from onnx import helper, numpy_helper
+    import numpy as np
+
+    big = numpy_helper.from_array(np.ones((64, 32), np.float32), "w")
+    small = numpy_helper.from_array(np.arange(3, dtype=np.float32), "mean")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 32])], [big, small])
+    filled = fill_weights(strip_weights(helper.make_model(graph)), seed=1)
+    values = {i.name: numpy_helper.to_array(i) for i in filled.graph.initializer}
+    assert values["w"].shape == (64, 32) and 0.05 < values["w"].std() < 0.3  # LeCun: 1/sqrt(64)
+    np.testing.assert_array_equal(values["mean"], [0, 1, 2])
+
+
+def test_dry_run_reports_every_figure_the_gpu_check_needs(prepared: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    gpu_check.check(prepared, [2, 4], dry_run=True, out_json=out)
+    report = json.loads(out.read_text())
+    rows = report["model_only"]
+    assert {(r["precision"], r["batch"], r["feed"]) for r in rows} == {
+        (p, b, f) for p in ("fp32", "fp16") for b in (2, 4) for f in ("host", "io_binding")}
+    for r in rows:
+        assert r["gradcam_img_s"] > 0 and r["forward_img_s"] > 0
+        assert r["ratio"] == pytest.approx(r["gradcam_img_s"] / r["forward_img_s"])
+    assert report["fp16_parity"]["cam_min_correlation"] >= 0.99
+    assert report["fp16_parity"]["cam_max_abs_diff"] <= 0.05
+    assert report["end_to_end"]["images"] == 24 and report["end_to_end"]["end_to_end_img_s"] > 0
+    assert [e["batch"] for e in report["engine_host_fed"]] == [2, 4]
+    assert report["best_model_only"]["gradcam_img_s"] == max(r["gradcam_img_s"] for r in rows)
+    assert C.ONNX_FP16_FILE  # the fp16 file is what the GPU path runs
