@@ -1,0 +1,135 @@
+"""The per-batch stages of a Ray run: decode, infer, write. Plain functions and one class, no Ray import.
+
+Each stage reuses the local engine's own step (engine.pipeline.load, engine.runner.GradCAMRunner, engine.run's row
+builder and overlay writer, engine.results.write_shard), so a row written here is the row the local runner writes.
+Ray Data calls them in its tasks and actors; they can equally be called on plain dicts, which is how they are tested.
+
+Columns between the stages: `path` (the input's key, as in the results), `_kind` (file or tar) and `_index` (its
+position in the listing: names shards and overlays); after decoding also `images`, `ok`, `error`, `width`, `height`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from engine import contract as C
+from engine.decode import DecodedImage
+from engine.inputs import InputItem
+from engine.pipeline import Batch, Loaded, load
+from engine.results import SCHEMA, to_table, write_shard
+from engine.run import _rows, _write_overlays
+from engine.runner import GradCAMRunner, RunnerOptions
+
+KIND = "_kind"
+INDEX = "_index"
+OK = "ok"
+ERROR = "error"
+WIDTH = "width"
+HEIGHT = "height"
+
+Columns = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSpec:
+    """What every decode (and overlay re-decode) needs, fixed for the run and shipped to each task."""
+
+    size: tuple[int, int]   # the model's (height, width)
+    max_bytes: int
+    max_pixels: int
+    base: str               # the driver's working directory: relative keys are read from there, not the worker's
+
+
+def load_key(key: str, kind: str, spec: DecodeSpec, keep_original: bool) -> Loaded:
+    """engine.pipeline.load for one key, read relative to the driver's directory but reported under the key itself."""
+    readable = key if os.path.isabs(key) else os.path.join(spec.base, key)
+    loaded = load(InputItem(readable, kind), spec.size, spec.max_bytes, spec.max_pixels, keep_original)
+    return dataclasses.replace(loaded, key=key)
+
+
+def decode_batch(batch: Columns, spec: DecodeSpec) -> Columns:
+    """Decode task: pixels for the inputs that decode, an error (and zero pixels) for those that do not."""
+    keys, kinds = [str(k) for k in batch["path"]], [str(k) for k in batch[KIND]]
+    loaded = [load_key(key, kind, spec, keep_original=False) for key, kind in zip(keys, kinds)]
+    images = np.zeros((len(loaded), *spec.size, 3), np.uint8)
+    for i, x in enumerate(loaded):
+        if x.image is not None:
+            images[i] = x.image.pixels
+    return {
+        "path": np.array(keys, dtype=object), KIND: np.array(kinds, dtype=object),
+        INDEX: np.asarray(batch[INDEX], np.int64), C.IMAGES: images,
+        OK: np.array([x.image is not None for x in loaded], bool),
+        ERROR: np.array([x.error or "" for x in loaded], dtype=object),
+        WIDTH: np.array([x.image.width if x.image else 0 for x in loaded], np.int32),
+        HEIGHT: np.array([x.image.height if x.image else 0 for x in loaded], np.int32),
+    }
+
+
+def as_loaded(batch: Columns) -> list[Loaded]:
+    """Decoded columns back into the local engine's Loaded records, so its row builder can be reused as is."""
+    return [Loaded(str(key), image=DecodedImage(batch[C.IMAGES][i], int(batch[WIDTH][i]), int(batch[HEIGHT][i])))
+            if batch[OK][i] else Loaded(str(key), error=str(batch[ERROR][i]))
+            for i, key in enumerate(batch["path"])]
+
+
+def with_position(table: pa.Table, batch: Columns) -> pa.Table:
+    """Result rows plus the columns the writer needs (listing position, input kind), dropped before writing."""
+    return (table.append_column(INDEX, pa.array(np.asarray(batch[INDEX], np.int64), pa.int64()))
+            .append_column(KIND, pa.array([str(k) for k in batch[KIND]], pa.string())))
+
+
+class GradCAMActor:
+    """One model replica: the artifact is loaded once per actor, then each decoded batch becomes result rows."""
+
+    def __init__(self, artifact: str, options: RunnerOptions, class_index: int):
+        self.runner = GradCAMRunner(artifact, options)
+        self.labels = self.runner.artifact.class_names
+        self.class_index = class_index
+
+    def __call__(self, batch: Columns) -> pa.Table:
+        ok = np.asarray(batch[OK], bool)
+        outputs = None
+        if ok.any():
+            images = np.ascontiguousarray(batch[C.IMAGES][ok])
+            outputs = self.runner({C.IMAGES: images,
+                                   C.CLASS_INDEX: np.full(len(images), self.class_index, np.int32)})
+        return with_position(to_table(_rows(Batch(as_loaded(batch)), outputs, self.labels)), batch)
+
+
+def probe_replica(artifact: str, options: RunnerOptions) -> tuple[str, str]:
+    """Build one replica where replicas run and report (device, precision): the fingerprint needs them up front."""
+    runner = GradCAMRunner(artifact, options)
+    return runner.device, runner.precision
+
+
+def write_batch(table: pa.Table, results_dir: str, overlay_dir: str, overlay_limit: int,
+                spec: DecodeSpec) -> Columns:
+    """Writer task: overlays, then the rows as one atomically renamed shard, so a committed row has its overlay."""
+    table = table.sort_by(INDEX)
+    index = table.column(INDEX).to_numpy()
+    if overlay_limit and int(index[0]) < overlay_limit:
+        write_table_overlays(table.filter(pc.less(table.column(INDEX), overlay_limit)),
+                             Path(overlay_dir), spec)
+    shard = write_shard(Path(results_dir), table.select(SCHEMA.names).cast(SCHEMA), int(index[0]), int(index[-1]))
+    statuses = table.column("status").to_pylist()
+    return {"shard": np.array([shard.name], dtype=object), "rows": np.array([table.num_rows], np.int64),
+            "ok": np.array([statuses.count("ok")], np.int64)}
+
+
+def write_table_overlays(table: pa.Table, folder: Path, spec: DecodeSpec) -> None:
+    """Overlays for a table's ok rows; the full-size image is re-read here, so it never crosses the object store."""
+    ok = table.filter(pc.equal(table.column("status"), "ok"))
+    if ok.num_rows == 0:
+        return
+    h, w = int(ok.column("cam_height")[0].as_py()), int(ok.column("cam_width")[0].as_py())
+    cams = ok.column("cam").combine_chunks().flatten().to_numpy().reshape(ok.num_rows, h, w)
+    keys, kinds = ok.column("path").to_pylist(), ok.column(KIND).to_pylist()
+    loaded = [load_key(key, kind, spec, keep_original=True) for key, kind in zip(keys, kinds)]
+    kept = [i for i, x in enumerate(loaded) if x.image is not None]  # an input changed since decoding gets none
+    order = dict(zip(keys, ok.column(INDEX).to_pylist()))
+    _write_overlays(folder, Batch([loaded[i] for i in kept]), {C.CAM: cams[kept]}, order)
+
