@@ -24,8 +24,8 @@ from engine.errors import USER_ERRORS, RunError
 from engine.inputs import InputItem, list_inputs
 from engine.ray_stages import INDEX, KIND, DecodeSpec, GradCAMActor, decode_batch, probe_replica, write_batch
 from engine.results import RESULTS_DIR, clean_partial, count_rows, done_paths
-from engine.run import (OVERLAY_DIR, RUN_JSON, RunConfig, RunSummary, _fingerprint, _overlay_limit,
-                        _prepare_run_dir, _versions, _write_json, resolve_target)
+from engine.run import (OVERLAY_DIR, RUN_JSON, RunConfig, RunSummary, runner_options, run_fingerprint, parse_overlays,
+                        prepare_run_dir, library_versions, write_json, resolve_target)
 from engine.runner import RunnerOptions
 
 MAX_INPUT_BLOCKS = 4096  # blocks the input list is cut into: enough to spread decoding, few enough to schedule
@@ -65,12 +65,8 @@ def replica_device(device: str, num_gpus: float) -> str:
 
 def replica_options(config: RunConfig, options: RayOptions) -> RunnerOptions:
     """The runner options of every replica, from the run's; threads default to the replica's CPU reservation."""
-    return RunnerOptions(
-        backend=config.backend, device=replica_device(config.device, options.num_gpus_per_worker),
-        threads=config.threads or max(1, int(options.num_cpus_per_worker)), precision=config.precision,
-        io_binding=config.io_binding, fixed_batch=config.batch_size if config.fixed_batch else 0,
-        cuda_graph=config.cuda_graph, trt=config.trt,
-        trt_cache=str(Path(config.out).resolve() / "trt_cache") if config.trt else None)
+    return runner_options(config, device=replica_device(config.device, options.num_gpus_per_worker),
+                          threads=config.threads or max(1, int(options.num_cpus_per_worker)))
 
 
 def probe(ray: Any, artifact: str, runner_options: RunnerOptions, options: RayOptions) -> tuple[str, str]:
@@ -174,7 +170,7 @@ def run_gradcam_ray(config: RunConfig, options: RayOptions = RayOptions()) -> Ru
         raise RunError("--shard-size must be at least 1")
     check_options(options)
     runner_options = replica_options(config, options)
-    overlay_limit = _overlay_limit(config.overlays)
+    overlay_limit = parse_overlays(config.overlays)
     ray = _import_ray()
     listing = list_inputs(config.inputs)  # raises InputError for a missing path, before anything is written
     artifact = load_artifact(config.artifact, verify=[])  # each replica checks the model file it loads
@@ -182,8 +178,8 @@ def run_gradcam_ray(config: RunConfig, options: RayOptions = RayOptions()) -> Ru
     out = Path(config.out)
     with ray_session(ray, options), progress_bars(ray, config.progress):
         device, precision = probe(ray, str(artifact.root.resolve()), runner_options, options)
-        fingerprint = _fingerprint(config, artifact.checksum, class_index, precision)
-        _prepare_run_dir(out, fingerprint, config.overwrite)
+        fingerprint = run_fingerprint(config, artifact.checksum, class_index, precision)
+        prepare_run_dir(out, fingerprint, config.overwrite)
         results_dir = out / RESULTS_DIR
         clean_partial(results_dir)
         done = done_paths(results_dir)
@@ -195,10 +191,10 @@ def run_gradcam_ray(config: RunConfig, options: RayOptions = RayOptions()) -> Ru
                                         for k, v in asdict(options).items()},
                                      "cluster": {k: v for k, v in ray.cluster_resources().items()
                                                  if k in ("CPU", "GPU")}},
-            "device": device, "precision": precision, "versions": {**_versions(), "ray": ray.__version__},
+            "device": device, "precision": precision, "versions": {**library_versions(), "ray": ray.__version__},
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        _write_json(out / RUN_JSON, run_info)
+        write_json(out / RUN_JSON, run_info)
         start = time.perf_counter()
         written = 0
         if pending:
@@ -223,5 +219,5 @@ def run_gradcam_ray(config: RunConfig, options: RayOptions = RayOptions()) -> Ru
                                                "already_done": summary.skipped_resume},
                     throughput={"seconds": round(seconds, 3), "images_per_second": round(summary.images_per_second, 2)},
                     finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    _write_json(out / RUN_JSON, run_info)
+    write_json(out / RUN_JSON, run_info)
     return summary

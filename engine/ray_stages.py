@@ -21,7 +21,7 @@ from engine.decode import DecodedImage
 from engine.inputs import InputItem
 from engine.pipeline import Batch, Loaded, load
 from engine.results import SCHEMA, to_table, write_shard
-from engine.run import _rows, _write_overlays
+from engine.run import batch_rows, write_overlays
 from engine.runner import GradCAMRunner, RunnerOptions
 
 KIND = "_kind"
@@ -97,7 +97,7 @@ class GradCAMActor:
             images = np.ascontiguousarray(batch[C.IMAGES][ok])
             outputs = self.runner({C.IMAGES: images,
                                    C.CLASS_INDEX: np.full(len(images), self.class_index, np.int32)})
-        return with_position(to_table(_rows(Batch(as_loaded(batch)), outputs, self.labels)), batch)
+        return with_position(to_table(batch_rows(Batch(as_loaded(batch)), outputs, self.labels)), batch)
 
 
 def probe_replica(artifact: str, options: RunnerOptions) -> tuple[str, str]:
@@ -131,5 +131,5 @@ def write_table_overlays(table: pa.Table, folder: Path, spec: DecodeSpec) -> Non
     loaded = [load_key(key, kind, spec, keep_original=True) for key, kind in zip(keys, kinds)]
     kept = [i for i, x in enumerate(loaded) if x.image is not None]  # an input changed since decoding gets none
     order = dict(zip(keys, ok.column(INDEX).to_pylist()))
-    _write_overlays(folder, Batch([loaded[i] for i in kept]), {C.CAM: cams[kept]}, order)
+    write_overlays(folder, Batch([loaded[i] for i in kept]), {C.CAM: cams[kept]}, order)
 

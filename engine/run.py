@@ -84,6 +84,15 @@ class RunSummary:
                 + (f", overlays {Path(self.out) / OVERLAY_DIR}/" if self.extra.get("overlays") else "") + ".")
 
 
+def runner_options(config: RunConfig, **overrides: Any) -> RunnerOptions:
+    """The runner options a run implies (the Ray runner overrides device and threads per replica)."""
+    options = dict(backend=config.backend, device=config.device, threads=config.threads, precision=config.precision,
+                   io_binding=config.io_binding, fixed_batch=config.batch_size if config.fixed_batch else 0,
+                   cuda_graph=config.cuda_graph, trt=config.trt,
+                   trt_cache=str(Path(config.out).resolve() / "trt_cache") if config.trt else None)
+    return RunnerOptions(**{**options, **overrides})
+
+
 def resolve_target(target: str, class_names: list[str]) -> int:
     """--target -> the class_index fed to the graph (-1 for the predicted class)."""
     if target == "predicted":
@@ -98,7 +107,7 @@ def resolve_target(target: str, class_names: list[str]) -> int:
     raise RunError(f"--target {target!r}: not 'predicted', an index, or a class name ({', '.join(class_names[:20])})")
 
 
-def _overlay_limit(spec: str) -> int:
+def parse_overlays(spec: str) -> int:
     if spec == "none":
         return 0
     if spec == "all":
@@ -108,13 +117,13 @@ def _overlay_limit(spec: str) -> int:
     raise RunError(f"--overlays {spec!r}: use none, all or a number")
 
 
-def _fingerprint(config: RunConfig, artifact_sum: str, class_index: int, precision: str) -> dict[str, Any]:
+def run_fingerprint(config: RunConfig, artifact_sum: str, class_index: int, precision: str) -> dict[str, Any]:
     """The options that decide what a row contains; a resumed run must match them."""
     return {"artifact_sha256": artifact_sum, "inputs": [str(s) for s in config.inputs], "backend": config.backend,
             "precision": precision, "class_index": class_index, "overlays": config.overlays}
 
 
-def _versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
     import onnxruntime
     import PIL
     import pyarrow
@@ -123,13 +132,13 @@ def _versions() -> dict[str, str]:
             "pyarrow": pyarrow.__version__, "pillow": PIL.__version__}
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     os.replace(tmp, path)
 
 
-def _prepare_run_dir(out: Path, fingerprint: dict[str, Any], overwrite: bool) -> None:
+def prepare_run_dir(out: Path, fingerprint: dict[str, Any], overwrite: bool) -> None:
     run_json = out / RUN_JSON
     if out.exists() and overwrite:
         for name in (RESULTS_DIR, OVERLAY_DIR, RUN_JSON):
@@ -155,21 +164,17 @@ def run_gradcam(config: RunConfig, runner: Callable[[dict[str, np.ndarray]], dic
     """Stream every input through the artifact's graph and write one result row per input."""
     if config.batch_size < 1:
         raise RunError("--batch-size must be at least 1")
-    overlay_limit = _overlay_limit(config.overlays)
+    overlay_limit = parse_overlays(config.overlays)
     listing = list_inputs(config.inputs)  # raises InputError for a missing path, before anything is written
     if runner is None:
-        runner = GradCAMRunner(config.artifact, RunnerOptions(
-            backend=config.backend, device=config.device, threads=config.threads, precision=config.precision,
-            io_binding=config.io_binding, fixed_batch=config.batch_size if config.fixed_batch else 0,
-            cuda_graph=config.cuda_graph, trt=config.trt,
-            trt_cache=str(Path(config.out) / "trt_cache") if config.trt else None))
+        runner = GradCAMRunner(config.artifact, runner_options(config))
     artifact = getattr(runner, "artifact", None) or load_artifact(config.artifact, verify=[])
     labels = artifact.class_names
     class_index = resolve_target(config.target, labels)
     out = Path(config.out)
     precision = getattr(runner, "precision", "fp32")
-    fingerprint = _fingerprint(config, artifact.checksum, class_index, precision)
-    _prepare_run_dir(out, fingerprint, config.overwrite)
+    fingerprint = run_fingerprint(config, artifact.checksum, class_index, precision)
+    prepare_run_dir(out, fingerprint, config.overwrite)
     results_dir = out / RESULTS_DIR
     clean_partial(results_dir)
     done = done_paths(results_dir)
@@ -179,9 +184,9 @@ def run_gradcam(config: RunConfig, runner: Callable[[dict[str, np.ndarray]], dic
     run_info: dict[str, Any] = {
         "status": "running", "fingerprint": fingerprint, "artifact": str(config.artifact),
         "options": {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in asdict(config).items()},
-        "device": device, "precision": precision, "versions": _versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "device": device, "precision": precision, "versions": library_versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    _write_json(out / RUN_JSON, run_info)
+    write_json(out / RUN_JSON, run_info)
 
     overlay_keys = {item.key for item in listing.items[:overlay_limit]} if overlay_limit else set()
     size = artifact.input_size
@@ -204,8 +209,8 @@ def run_gradcam(config: RunConfig, runner: Callable[[dict[str, np.ndarray]], dic
     def write(job: object) -> None:
         nonlocal shard_rows
         batch, outputs = job  # type: ignore[misc]
-        columns = _rows(batch, outputs, labels)
-        _write_overlays(out / OVERLAY_DIR, batch, outputs, order)
+        columns = batch_rows(batch, outputs, labels)
+        write_overlays(out / OVERLAY_DIR, batch, outputs, order)
         shard.append(columns)
         shard_rows += len(columns["path"])
         if shard_rows >= config.shard_size:
@@ -248,11 +253,11 @@ def run_gradcam(config: RunConfig, runner: Callable[[dict[str, np.ndarray]], dic
                                                "already_done": summary.skipped_resume},
                     throughput={"seconds": round(seconds, 3), "images_per_second": round(summary.images_per_second, 2)},
                     finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    _write_json(out / RUN_JSON, run_info)
+    write_json(out / RUN_JSON, run_info)
     return summary
 
 
-def _rows(batch: Batch, outputs: dict[str, np.ndarray] | None, labels: list[str]) -> dict[str, list[Any]]:
+def batch_rows(batch: Batch, outputs: dict[str, np.ndarray] | None, labels: list[str]) -> dict[str, list[Any]]:
     """Rows in input order: ok rows from the outputs, error rows where decoding failed."""
     parts: list[dict[str, list[Any]]] = []
     good = [x for x in batch.loaded if x.image is not None]
@@ -268,7 +273,7 @@ def _rows(batch: Batch, outputs: dict[str, np.ndarray] | None, labels: list[str]
     return concat(parts)
 
 
-def _write_overlays(folder: Path, batch: Batch, outputs: dict[str, np.ndarray] | None,
+def write_overlays(folder: Path, batch: Batch, outputs: dict[str, np.ndarray] | None,
                     order: dict[str, int]) -> None:
     from PIL import Image
 
