@@ -104,6 +104,9 @@ def _check_writable(out: Path, overwrite: bool) -> None:
     parent = out.parent.resolve()
     if out.exists() and not overwrite and any(out.iterdir() if out.is_dir() else [out]):
         raise ExportError(f"{out}: already exists; choose another --out or pass --overwrite")
+    blocker = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ExportError(f"{blocker}: is a file, not a directory; cannot create the output directory {out} there")
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -132,7 +135,9 @@ def export_artifact(model: ModelLike, out: str | Path, options: ExportOptions = 
     except ExportError:
         raise
     except Exception as e:
-        raise ExportError(f"building the Grad-CAM graph failed: {str(e).splitlines()[0][:300]}") from None
+        # AutoGraph wraps errors raised while tracing as "in user code: <stack>"; report the original one.
+        cause = getattr(getattr(e, "ag_error_metadata", None), "cause_message", None) or str(e) or type(e).__name__
+        raise ExportError(f"building the Grad-CAM graph failed: {cause.strip().splitlines()[0][:300]}") from None
     specs = {k: (v.dtype.name, tuple(v.shape)) for k, v in concrete.structured_outputs.items()}
     fm_shape = specs[C.FEATURE_MAPS][1]
     num_classes = int(specs[C.PREDICTIONS][1][-1])

@@ -24,6 +24,7 @@ def convert(fn: Any, opset: int = DEFAULT_OPSET, metadata: dict[str, str] | None
     except Exception as e:  # tf2onnx raises bare exceptions for unsupported ops
         raise ExportError(f"ONNX conversion failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
             from None
+    _fold_captured_constants(proto, fn.get_concrete_function(*fn.input_signature))
     bad = sorted({n.op_type for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
     if bad:
         raise ExportError(f"ONNX conversion left TensorFlow ops it cannot convert: {', '.join(bad)}; pass the "
@@ -36,6 +37,25 @@ def convert(fn: Any, opset: int = DEFAULT_OPSET, metadata: dict[str, str] | None
         entry.key, entry.value = key, value
     proto.doc_string = "Fused Grad-CAM graph exported by gradcam-engine"
     return proto
+
+
+def _fold_captured_constants(proto: onnx.ModelProto, concrete: Any) -> None:
+    """Drop the extra graph inputs tf2onnx makes of tensors the function captured by value (e.g. a Keras
+    Normalization layer's mean and variance); callers could not feed them. Freezing has already turned their uses
+    into constants; one still read by a node becomes an initializer holding the captured value."""
+    from onnx import numpy_helper
+
+    captured = {placeholder.name: value for value, placeholder in concrete.graph.captures
+                if value.dtype != tf.resource and hasattr(value, "numpy")}
+    used = {name for node in proto.graph.node for name in node.input} | {o.name for o in proto.graph.output}
+    for graph_input in [i for i in proto.graph.input if i.name not in C.INPUT_NAMES]:
+        if graph_input.name in used:
+            if graph_input.name not in captured:
+                raise ExportError(f"ONNX conversion left an input {graph_input.name!r} besides "
+                                  f"{', '.join(C.INPUT_NAMES)}; the model reads a tensor export cannot freeze")
+            value = np.asarray(captured[graph_input.name].numpy())
+            proto.graph.initializer.append(numpy_helper.from_array(value, graph_input.name))
+        proto.graph.input.remove(graph_input)
 
 
 def cam_correlation(a: np.ndarray, b: np.ndarray) -> float:
@@ -76,7 +96,11 @@ def verify(fn: Any, model_bytes: bytes, input_size: tuple[int, int], batch_sizes
     """Run ONNX Runtime and TensorFlow side by side on random images; refuse a graph that disagrees."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise ExportError(f"the {precision} ONNX graph does not load in ONNX Runtime: "
+                          f"{str(e).splitlines()[0][:300] if str(e) else type(e).__name__}") from None
     rng = np.random.default_rng(seed)
     limits = TOLERANCES[precision]
     worst: dict[str, float] = {}
@@ -84,8 +108,12 @@ def verify(fn: Any, model_bytes: bytes, input_size: tuple[int, int], batch_sizes
         images = rng.integers(0, 256, size=(n, *input_size, 3), dtype=np.uint8)
         ref = {k: v.numpy() for k, v in fn(tf.constant(images), tf.constant(np.full((n,), -1, np.int32))).items()}
         class_index = ref[C.TARGET_CLASS].astype(np.int32)  # the same class for both, so CAMs are comparable
-        got = dict(zip(C.ENGINE_OUTPUTS, session.run(list(C.ENGINE_OUTPUTS),
-                                                     {C.IMAGES: images, C.CLASS_INDEX: class_index})))
+        try:
+            got = dict(zip(C.ENGINE_OUTPUTS, session.run(list(C.ENGINE_OUTPUTS),
+                                                         {C.IMAGES: images, C.CLASS_INDEX: class_index})))
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise ExportError(f"the {precision} ONNX graph does not run in ONNX Runtime: "
+                              f"{str(e).splitlines()[0][:300] if str(e) else type(e).__name__}") from None
         for k, v in compare(ref, got).items():
             better_high = k in ("cam_min_correlation", "top1_agreement")
             worst[k] = min(worst.get(k, v), v) if better_high else max(worst.get(k, v), v)

@@ -1,0 +1,288 @@
+"""Shared fixtures: small test models, each exported once per session, with their per-image Grad-CAM reference.
+
+TensorFlow is imported inside the fixtures, so test files that do not ask for an exported model never load it.
+Each model is seeded, the test images are structured scenes (shapes on gradients, not noise) and the class indices
+mix -1 (top-1) with explicit non-top-1 classes, so parity is checked on CAMs with real spatial structure.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+REFERENCE_BATCH = 8   # images per model with a reference; batches of 1, 3 and 8 are its prefixes
+EXPLICIT_SLOTS = (1, 4, 6)  # positions that ask for an explicit (non-top-1) class instead of -1
+
+
+def scene_images(n: int, size: tuple[int, int], seed: int) -> np.ndarray:
+    """uint8 RGB [n, H, W, 3]: a tilted colour gradient with one to three discs or boxes and mild noise."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    out = np.empty((n, h, w, 3), np.uint8)
+    for i in range(n):
+        img = rng.uniform(30, 220, 3) + rng.uniform(-60, 60, 3) * ((xx + yy) / (h + w))[..., None]
+        for _ in range(int(rng.integers(1, 4))):
+            cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+            r = rng.uniform(0.12, 0.3) * min(h, w)
+            if rng.random() < 0.5:
+                mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+            else:
+                mask = (np.abs(yy - cy) < r) & (np.abs(xx - cx) < r * rng.uniform(0.5, 1.5))
+            img[mask] = rng.uniform(0, 255, 3)
+        img = img + rng.normal(0, 6, img.shape)
+        out[i] = np.clip(img, 0, 255).astype(np.uint8)
+    return out
+
+
+@dataclass
+class ExportedCase:
+    """One test model, exported, with what the tests compare it against."""
+
+    name: str
+    root: Path                      # the artifact directory
+    manifest: dict[str, Any]
+    images: np.ndarray              # uint8 [REFERENCE_BATCH, H, W, 3]
+    class_index: np.ndarray         # int32 [REFERENCE_BATCH]
+    reference: dict[str, np.ndarray]
+    reference_fn: Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]
+    target_layer: str               # the layer the test expects export to choose
+    softmax: bool                   # the model ends in a softmax
+    preprocessing: str
+    num_classes: int
+    keras_model: Any = field(repr=False, default=None)
+
+    @functools.cached_property
+    def onnx_session(self) -> Any:
+        import onnxruntime as ort
+
+        from engine import contract as C
+        return ort.InferenceSession(str(self.root / C.ONNX_FILE), providers=["CPUExecutionProvider"])
+
+    @functools.cached_property
+    def signature(self) -> Any:
+        import tensorflow as tf
+
+        from engine import contract as C
+        return tf.saved_model.load(str(self.root / C.SAVED_MODEL_DIR)).signatures[C.SIGNATURE]
+
+    def run_onnx(self, images: np.ndarray, class_index: np.ndarray) -> dict[str, np.ndarray]:
+        from engine import contract as C
+        names = [o.name for o in self.onnx_session.get_outputs()]
+        values = self.onnx_session.run(names, {C.IMAGES: images, C.CLASS_INDEX: class_index})
+        return dict(zip(names, values))
+
+    def run_saved_model(self, images: np.ndarray, class_index: np.ndarray) -> dict[str, np.ndarray]:
+        import tensorflow as tf
+        out = self.signature(images=tf.constant(images), class_index=tf.constant(class_index))
+        return {k: v.numpy() for k, v in out.items()}
+
+
+def _reference_tools() -> Any:
+    try:
+        from reference import gradcam_reference
+    except ImportError:  # tests/ imported as a package
+        from tests.reference import gradcam_reference
+    return gradcam_reference
+
+
+def _make_case(name: str, root: Path, manifest: dict, model: Any, *, backbone: Callable, head_logits: Callable,
+               predict: Callable, preprocess: Callable, size: tuple[int, int], seed: int, target_layer: str,
+               softmax: bool, preprocessing: str, num_classes: int) -> ExportedCase:
+    gradcam_reference = _reference_tools()
+
+    def reference_fn(images: np.ndarray, class_index: np.ndarray) -> dict[str, np.ndarray]:
+        return gradcam_reference(images, class_index, preprocess=preprocess, backbone=backbone,
+                                 head_logits=head_logits, predict=predict)
+
+    images = scene_images(REFERENCE_BATCH, size, seed)
+    top1 = reference_fn(images, np.full(REFERENCE_BATCH, -1, np.int32))["target_class"]
+    class_index = np.full(REFERENCE_BATCH, -1, np.int32)
+    for slot in EXPLICIT_SLOTS:  # ask for a class other than the model's own choice
+        class_index[slot] = (top1[slot] + 1) % num_classes
+    return ExportedCase(name=name, root=root, manifest=manifest, images=images, class_index=class_index,
+                        reference=reference_fn(images, class_index), reference_fn=reference_fn,
+                        target_layer=target_layer, softmax=softmax, preprocessing=preprocessing,
+                        num_classes=num_classes, keras_model=model)
+
+
+def _pre_softmax(dense: Any) -> Callable:
+    """The logit a softmax Dense layer turns into probabilities: its pre-activation, computed here by hand."""
+    import tensorflow as tf
+    return lambda h: tf.matmul(h, dense.kernel) + dense.bias
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("artifacts")
+
+
+@pytest.fixture(scope="session")
+def resnet50_case(artifacts_dir: Path) -> ExportedCase:
+    """The seed's shape: ResNet50 + GlobalAveragePooling2D + Dropout + Dense(2) logits, saved as .keras, caffe."""
+    import keras
+
+    from export import ExportOptions, export_artifact
+
+    keras.utils.set_random_seed(11)
+    size = (96, 96)
+    base = keras.applications.ResNet50(weights=None, include_top=False, input_shape=(*size, 3))
+    x = keras.layers.GlobalAveragePooling2D(name="global_average_pooling2d")(base.output)
+    x = keras.layers.Dropout(0.5, name="dropout")(x)
+    out = keras.layers.Dense(2, name="dense")(x)
+    model = keras.Model(base.input, out, name="resnet50_cats_dogs")
+    path = artifacts_dir / "resnet50_cats_dogs.keras"
+    model.save(path)
+    root = artifacts_dir / "resnet50"
+    manifest = export_artifact(str(path), root, ExportOptions(preprocessing="caffe", class_names=["cat", "dog"]))
+
+    backbone = keras.Model(model.input, model.get_layer("conv5_block3_out").output)
+    gap, dropout, dense = (model.get_layer(n) for n in ("global_average_pooling2d", "dropout", "dense"))
+    return _make_case(
+        "resnet50_seed", root, manifest, model, backbone=lambda x: backbone(x, training=False),
+        head_logits=lambda fm: dense(dropout(gap(fm), training=False)),
+        predict=lambda x: model(x, training=False), preprocess=keras.applications.resnet50.preprocess_input,
+        size=size, seed=101, target_layer="conv5_block3_out", softmax=False, preprocessing="caffe", num_classes=2)
+
+
+@pytest.fixture(scope="session")
+def nested_mobilenet_case(artifacts_dir: Path) -> ExportedCase:
+    """MobileNetV2 used as one layer of a functional model, + GAP + Dense(3, softmax); layer found automatically."""
+    import keras
+
+    from export import ExportOptions, export_artifact
+
+    keras.utils.set_random_seed(22)
+    size = (96, 96)
+    mobilenet = keras.applications.MobileNetV2(weights=None, include_top=False, alpha=0.35, input_shape=(*size, 3))
+    inputs = keras.Input((*size, 3), name="image")
+    x = mobilenet(inputs)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    out = keras.layers.Dense(3, activation="softmax", name="classes")(x)
+    model = keras.Model(inputs, out, name="nested_mobilenet")
+    root = artifacts_dir / "nested_mobilenet"
+    manifest = export_artifact(model, root, ExportOptions(layer="auto", preprocessing="tf"))
+
+    gap, dense = model.get_layer("pool"), model.get_layer("classes")
+    return _make_case(
+        "nested_mobilenet", root, manifest, model, backbone=lambda x: mobilenet(x, training=False),
+        head_logits=lambda fm: _pre_softmax(dense)(gap(fm)), predict=lambda x: model(x, training=False),
+        preprocess=keras.applications.mobilenet_v2.preprocess_input, size=size, seed=202,
+        target_layer=f"{mobilenet.name}/out_relu", softmax=True, preprocessing="tf", num_classes=3)
+
+
+@pytest.fixture(scope="session")
+def small_cnn_case(artifacts_dir: Path) -> ExportedCase:
+    """A small CNN whose head is Flatten -> BatchNormalization (non-trivial moving stats) -> Dense(relu) -> Dropout
+    -> Dense(4, softmax)."""
+    import keras
+
+    from export import ExportOptions, export_artifact
+
+    keras.utils.set_random_seed(33)
+    size = (32, 32)
+    inputs = keras.Input((*size, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv1")(inputs)
+    x = keras.layers.MaxPooling2D(name="pool1")(x)
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="conv2")(x)
+    x = keras.layers.MaxPooling2D(name="pool2")(x)
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv3")(x)   # (8, 8, 8)
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = keras.layers.BatchNormalization(name="head_bn")(x)
+    x = keras.layers.Dense(16, activation="relu", name="hidden")(x)
+    x = keras.layers.Dropout(0.3, name="dropout")(x)
+    out = keras.layers.Dense(4, activation="softmax", name="classes")(x)
+    model = keras.Model(inputs, out, name="small_cnn")
+
+    # Moving statistics near the real feature statistics, but not equal to them, and a non-unit gamma/beta:
+    # an export that ignored any of the four would give different logits.
+    rng = np.random.default_rng(33)
+    probe = keras.Model(inputs, model.get_layer("flatten").output)
+    feats = np.asarray(probe(keras.applications.densenet.preprocess_input(
+        scene_images(32, size, seed=333).astype(np.float32))))
+    n = feats.shape[1]
+    bn = model.get_layer("head_bn")
+    bn.set_weights([rng.uniform(0.5, 2.0, n).astype(np.float32),                           # gamma
+                    rng.normal(0.0, 0.3, n).astype(np.float32),                            # beta
+                    (feats.mean(0) * rng.uniform(0.7, 1.3, n)).astype(np.float32),         # moving_mean
+                    (feats.var(0) * rng.uniform(0.7, 1.5, n) + 0.05).astype(np.float32)])  # moving_variance
+    root = artifacts_dir / "small_cnn"
+    manifest = export_artifact(model, root, ExportOptions(preprocessing="torch"))
+
+    backbone = keras.Model(inputs, model.get_layer("conv3").output)
+    flatten, hidden, dropout, dense = (model.get_layer(n) for n in ("flatten", "hidden", "dropout", "classes"))
+
+    def head_logits(fm: Any) -> Any:
+        h = hidden(bn(flatten(fm), training=False))
+        return _pre_softmax(dense)(dropout(h, training=False))
+
+    return _make_case(
+        "small_cnn_bn", root, manifest, model, backbone=lambda x: backbone(x, training=False),
+        head_logits=head_logits, predict=lambda x: model(x, training=False),
+        preprocess=keras.applications.densenet.preprocess_input, size=size, seed=303, target_layer="conv3",
+        softmax=True, preprocessing="torch", num_classes=4)
+
+
+@pytest.fixture(scope="session")
+def efficientnet_case(artifacts_dir: Path) -> ExportedCase:
+    """EfficientNetB0 at top level (its own rescaling inside the model, so no preprocessing) + GAP + Dense(5, softmax)."""
+    import keras
+
+    from export import ExportOptions, export_artifact
+
+    keras.utils.set_random_seed(44)
+    size = (64, 64)
+    base = keras.applications.EfficientNetB0(weights=None, include_top=False, input_shape=(*size, 3))
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool_head")(base.output)
+    out = keras.layers.Dense(5, activation="softmax", name="classes")(x)
+    model = keras.Model(base.input, out, name="efficientnet_b0_classifier")
+    root = artifacts_dir / "efficientnet"
+    manifest = export_artifact(model, root, ExportOptions(preprocessing="none"))
+
+    backbone = keras.Model(model.input, model.get_layer("top_activation").output)
+    gap, dense = model.get_layer("avg_pool_head"), model.get_layer("classes")
+    return _make_case(
+        "efficientnet_b0", root, manifest, model, backbone=lambda x: backbone(x, training=False),
+        head_logits=lambda fm: _pre_softmax(dense)(gap(fm)), predict=lambda x: model(x, training=False),
+        preprocess=keras.applications.efficientnet.preprocess_input, size=size, seed=404,
+        target_layer="top_activation", softmax=True, preprocessing="none", num_classes=5)
+
+
+@pytest.fixture(scope="session")
+def pair_case(artifacts_dir: Path) -> ExportedCase:
+    """The seed notebook's form: a backbone returning a dict of levels {"4", "5"} and the head as a list of layers."""
+    import keras
+
+    from export import ExportOptions, export_artifact
+
+    keras.utils.set_random_seed(55)
+    size = (64, 64)
+    inputs = keras.Input((*size, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="stem")(inputs)
+    level4 = keras.layers.Conv2D(16, 3, strides=2, padding="same", activation="relu", name="block4")(x)   # 16x16
+    level5 = keras.layers.Conv2D(24, 3, strides=2, padding="same", activation="relu", name="block5")(level4)  # 8x8
+    backbone = keras.Model(inputs, {"4": level4, "5": level5}, name="cnn_backbone")
+    gap = keras.layers.GlobalAveragePooling2D(name="global_average_pooling2d")
+    dropout = keras.layers.Dropout(0.5, name="dropout")
+    dense = keras.layers.Dense(2, activation="softmax", name="dense")
+    image = keras.Input((*size, 3))
+    model = keras.Model(image, dense(dropout(gap(backbone(image)["5"]))), name="seed_pair")  # builds the head
+    root = artifacts_dir / "pair"
+    manifest = export_artifact((backbone, [gap, dropout, dense]), root,
+                               ExportOptions(layer="5", input_size=size, preprocessing="tf"))
+
+    return _make_case(
+        "pair_dict_backbone", root, manifest, model, backbone=lambda x: backbone(x, training=False)["5"],
+        head_logits=lambda fm: _pre_softmax(dense)(dropout(gap(fm), training=False)),
+        predict=lambda x: model(x, training=False), preprocess=keras.applications.mobilenet_v2.preprocess_input,
+        size=size, seed=505, target_layer="5", softmax=True, preprocessing="tf", num_classes=2)
+
+
+CASE_FIXTURES = ("resnet50_case", "nested_mobilenet_case", "small_cnn_case", "efficientnet_case", "pair_case")
