@@ -6,9 +6,9 @@ from pathlib import Path
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import os
+    from engine.cli import quiet_tensorflow
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    quiet_tensorflow()
     from demo.run import run_demo
 
     print(run_demo(Path(args.out), images=args.images, overlays=args.overlays, backend=args.backend).text())

@@ -14,13 +14,33 @@ def _size(text: str) -> tuple[int, int]:
     return int(h), int(w or h)
 
 
-def _quiet_tensorflow() -> None:
+def quiet_tensorflow() -> None:
+    """Import TensorFlow without its start-up chatter on stderr (oneDNN, CUDA probing), which ignores log levels;
+    if the import fails, what it printed is shown after all."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "3")
+    if "tensorflow" in sys.modules:
+        return
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+            import keras  # noqa: F401
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _export(args: argparse.Namespace) -> int:
-    _quiet_tensorflow()
+    quiet_tensorflow()
     from export import ExportOptions, export_artifact, read_class_names
 
     options = ExportOptions(

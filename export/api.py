@@ -107,12 +107,8 @@ def _check_writable(out: Path, overwrite: bool) -> None:
     blocker = next((p for p in (parent, *parent.parents) if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
         raise ExportError(f"{blocker}: is a file, not a directory; cannot create the output directory {out} there")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ExportError(f"{parent}: cannot create output directory ({e.strerror})") from None
-    if not os.access(parent, os.W_OK):
-        raise ExportError(f"{parent}: output directory is not writable")
+    if blocker is not None and not os.access(blocker, os.W_OK):  # created only once the model has exported
+        raise ExportError(f"{blocker}: output directory is not writable")
 
 
 def export_artifact(model: ModelLike, out: str | Path, options: ExportOptions = ExportOptions()) -> dict[str, Any]:
@@ -146,7 +142,10 @@ def export_artifact(model: ModelLike, out: str | Path, options: ExportOptions = 
         raise ExportError(f"{len(class_names)} class names given but the model has {num_classes} classes")
 
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise ExportError(f"{out.parent}: cannot create the output directory ({e.strerror})") from None
     try:
         meta = {"gradcam.class_names": json.dumps(class_names), "gradcam.preprocessing": options.preprocessing,
                 "gradcam.target_layer": layer_path, "gradcam.score": head.score}
