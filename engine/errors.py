@@ -20,6 +20,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         errors.append(ExportError)
     except ImportError:
         pass
+    try:
+        from bench.errors import BenchError
+        errors.append(BenchError)
+    except ImportError:
+        pass
     return tuple(errors)
 
 

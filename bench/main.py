@@ -1,0 +1,369 @@
+"""`run_bench`: build every contender once, check they agree, time them alternated, and report.
+
+The one function behind `gradcam bench`, the smoke test and anything else that wants the numbers as data.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from engine import contract as C
+from bench import contenders as K
+from bench.agreement import compare, mixed_targets
+from bench.errors import BenchError
+from bench.images import jpeg_set, path_list, scene_images
+from bench.machine import machine_info, rss_mb
+from bench.models import FORWARD_ONNX, SEED_RESNET50, BenchModel, default_work_dir, prepare_model
+from bench.timing import Timing, Unit, batched_run, round_robin, summarize
+
+Log = Callable[[str], None]
+BACKENDS = ("reference", "onnx", "tf", "tf-xla", "e2e")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What one benchmark run measures; `gradcam bench` fills it from a preset (quick or full) and its flags."""
+
+    model: str = SEED_RESNET50
+    backends: tuple[str, ...] = BACKENDS
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    images: int = 32               # images per timed repetition of a batched contender
+    reference_images: int = 8      # the reference is ~10-20x slower: it is timed (and checked) on the first few
+    reps: int = 5                  # timed rounds after one warm-up round
+    e2e_images: int = 32
+    e2e_batch_size: int = 16
+    dataset_sizes: tuple[int, ...] = (200, 2000)
+    hardware: bool = False         # synthetic batches, every backend x precision x device, best configuration last
+    quick: bool = False
+    device: str = "auto"
+    threads: int = 0
+    preprocess: str = "none"       # for a .keras model: the input scaling to build into the graph
+    work_dir: str | None = None
+    json_path: str | None = None
+    plot_path: str | None = None
+    memory: bool = True            # each contender's peak RSS in its own fresh process (largest batch)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.backends) - set(BACKENDS))
+        if unknown:
+            raise BenchError(f"--backends: unknown {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise BenchError("--batch-sizes: give one or more positive integers")
+        if self.reps < 1 or self.images < 1 or self.reference_images < 1:
+            raise BenchError("--reps, --images and --reference-images must be at least 1")
+
+
+@dataclass
+class Built:
+    """The contenders ready to run, how each was specified, and those that could not be built, with why."""
+
+    sources: K.Sources
+    contenders: list[K.Contender] = field(default_factory=list)
+    specs: dict[str, K.Spec] = field(default_factory=dict)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+def _build(spec: K.Spec, built: Built, shared: dict[str, Any], log: Log) -> None:
+    """Build one contender, recording the resident memory it added; a runtime that cannot is skipped, with why."""
+    label = f"{spec.kind} {spec.backend}-{spec.device} {spec.precision}"
+    gc.collect()
+    before, start = rss_mb(), time.perf_counter()
+    try:
+        contender = K.make(spec, built.sources, shared)
+    except Exception as e:  # an unsupported runtime or precision must not stop the other contenders
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        built.skipped.append({"contender": label, "reason": reason})
+        log(f"skipped {label}: {reason}")
+        return
+    contender.load_mb = max(rss_mb() - before, 0.0)
+    built.contenders.append(contender)
+    built.specs[contender.name] = spec
+    log(f"built {contender.name} in {time.perf_counter() - start:.1f} s")
+
+
+def _quiet_tensorflow() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "3")
+
+
+def _devices(config: BenchConfig) -> list[str]:
+    from engine.runner import cuda_available
+
+    if config.hardware:
+        return ["cpu", "cuda"] if cuda_available() else ["cpu"]
+    if config.device == "auto":
+        return ["cuda" if cuda_available() else "cpu"]
+    return [config.device]
+
+
+def contender_specs(config: BenchConfig, artifact: Any, has_keras: bool) -> list[K.Spec]:
+    """What to build: the reference, then per device each backend's Grad-CAM (each precision the artifact has, in
+    hardware mode) and its forward-only counterpart (needs the Keras model; not in hardware mode)."""
+    onnx_precisions = ["fp32"] + (["fp16"] if config.hardware and artifact.has(C.ONNX_FP16_FILE) else [])
+    tf_precisions = ["fp32"] + (["fp16"] if config.hardware and artifact.has(C.SAVED_MODEL_FP16_DIR) else [])
+    forward = has_keras and not config.hardware
+    specs = [K.Spec(K.REFERENCE, "reference")] if forward and "reference" in config.backends else []
+    for device in _devices(config):
+        for backend, precisions in (("onnx", onnx_precisions), ("tf", tf_precisions), ("tf-xla", tf_precisions)):
+            if backend in config.backends:
+                specs += [K.Spec(K.GRADCAM, backend, device, p) for p in precisions]
+                specs += [K.Spec(K.FORWARD, backend, device)] if forward else []
+    return specs
+
+
+def build_contenders(config: BenchConfig, model: BenchModel, artifact: Any, log: Log) -> Built:
+    """Every contender the config asks for and this machine and artifact can run."""
+    has_keras = model.keras_path is not None
+    specs = contender_specs(config, artifact, has_keras)
+    forward_onnx = model.cache / FORWARD_ONNX if has_keras else None
+    if forward_onnx and not forward_onnx.is_file() and any(s.kind == K.FORWARD and s.backend == "onnx"
+                                                           for s in specs):
+        import keras
+
+        from bench.forward import export_forward_onnx
+        start = time.perf_counter()
+        export_forward_onnx(keras.models.load_model(model.keras_path, compile=False), model.preprocessing,
+                            artifact.input_size, forward_onnx)
+        log(f"forward-only ONNX written: {forward_onnx} ({time.perf_counter() - start:.1f} s)")
+    built = Built(K.Sources(str(model.artifact), str(model.keras_path) if has_keras else None, model.preprocessing,
+                            str(forward_onnx) if forward_onnx else None, config.threads))
+    if not has_keras and not config.hardware:
+        built.skipped.append({"contender": "reference and forward-only",
+                              "reason": "an artifact directory holds no Keras model; pass --model FILE.keras"})
+    shared: dict[str, Any] = {"artifact": artifact}
+    for spec in specs:
+        _build(spec, built, shared, log)
+    return built
+
+
+def _chunked(call: K.Call, images: np.ndarray, class_index: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
+    parts = [call(images[i:i + batch_size], class_index[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def check_contenders(built: Built, images: np.ndarray, num_classes: int, log: Log,
+                     batch_size: int | None = None) -> list[dict[str, Any]]:
+    """Run every contender once on the check images and compare with the reference (or the first fused graph).
+
+    Batched contenders run in batches of batch_size (default: all at once); the bench picks a timed batch size so
+    an XLA contender compiles no shape it is not timed at."""
+    pool = built.contenders
+    baseline = next((c for c in pool if c.kind == K.REFERENCE), None) or \
+        next((c for c in pool if c.kind == K.GRADCAM and c.precision == "fp32"), None)
+    if baseline is None:
+        raise BenchError("no contender to run: check --backends")
+    b = batch_size or len(images)
+    probe = next((c for c in pool if c.kind == K.GRADCAM), baseline)
+    top1 = _chunked(probe.call, images, np.full(len(images), -1, np.int32), b)[C.PREDICTIONS].argmax(-1)
+    class_index = mixed_targets(top1, num_classes)
+    start = time.perf_counter()
+    expected = baseline.call(images, class_index)
+    log(f"check: {baseline.name} on {len(images)} images: {time.perf_counter() - start:.1f} s")
+    checks = []
+    for c in pool:
+        if c is baseline:
+            checks.append({"contender": c.name, "against": "itself", "ok": True})
+            continue
+        try:
+            result = compare(expected, _chunked(c.call, images, class_index, b), c.precision)
+        except Exception as e:  # XLA may refuse a graph on first call: the contender is out, the bench goes on
+            result = {"ok": False, "error": str(e).splitlines()[0][:200] if str(e) else type(e).__name__}
+        checks.append({"contender": c.name, "against": baseline.name, **result})
+        log(f"check: {c.name} vs {baseline.name}: {'ok' if result['ok'] else 'MISMATCH'} "
+            f"{ {k: v for k, v in result.items() if k != 'ok'} }")
+    return checks
+
+
+def _end_to_end(config: BenchConfig, artifact: Any, work: Path, device: str, log: Log
+                ) -> tuple[list[Unit], dict[str, Any], list[Path]]:
+    """The end-to-end and model-only units on the same JPEG files, with their agreement check."""
+    from bench.e2e import decode_like_engine, end_to_end_unit, model_only_unit, parquet_cams, run_config
+    from engine.run import run_gradcam
+    from engine.runner import GradCAMRunner, RunnerOptions
+
+    backend = "onnx" if "onnx" in config.backends or "tf" not in config.backends else "tf"
+    paths = jpeg_set(work / "images", max([config.e2e_images, *config.dataset_sizes]), seed=config.seed)
+    subset = paths[:config.e2e_images]
+    list_file = path_list(subset, work / f"inputs-{len(subset)}.txt")
+    runner = GradCAMRunner(artifact, RunnerOptions(backend=backend, device=device, threads=config.threads))
+    runtime = f"{backend}-{runner.device}"
+    run = run_config(artifact.root, list_file, work / "e2e-run", config.e2e_batch_size, backend, device)
+    run_gradcam(run, runner=runner)
+    pixels = decode_like_engine(subset, artifact.input_size)
+    direct = runner({C.IMAGES: pixels[:config.e2e_batch_size],
+                     C.CLASS_INDEX: np.full(min(len(pixels), config.e2e_batch_size), -1, np.int32)})[C.CAM]
+    written = parquet_cams(work / "e2e-run")
+    diff = max(float(np.abs(written[str(p)] - cam).max()) for p, cam in zip(subset, direct))
+    check = {"contender": "end-to-end (JPEG -> Parquet)", "against": "model-only on the decoded images",
+             "cam_max_abs_diff": diff, "rows": len(written), "ok": diff <= 1e-5 and len(written) == len(subset)}
+    log(f"check: end-to-end Parquet CAMs vs model-only: max diff {diff:.1e}")
+    units = [end_to_end_unit(runner, run, len(subset), runtime),
+             model_only_unit(runner, pixels, config.e2e_batch_size, runtime)]
+    return units, check, paths
+
+
+def _dataset_sweep(config: BenchConfig, artifact: Any, work: Path, paths: list[Path], device: str,
+                   log: Log) -> list[dict[str, Any]]:
+    """End to end at each dataset size, each in a fresh process."""
+    from bench.e2e import fresh_process_run
+
+    backend = "onnx" if "onnx" in config.backends or "tf" not in config.backends else "tf"
+    rows = []
+    for n in config.dataset_sizes:
+        list_file = path_list(paths[:n], work / f"inputs-{n}.txt")
+        start = time.perf_counter()
+        result = fresh_process_run(artifact.root, list_file, work / f"sweep-{n}", config.e2e_batch_size, backend,
+                                   device)
+        log(f"dataset sweep {n} images: {result['images_per_second']:.1f} img/s, peak RSS "
+            f"{result['peak_rss_mb']:.0f} MB ({time.perf_counter() - start:.0f} s)")
+        rows.append({"images": n, "batch_size": config.e2e_batch_size, "runtime": f"{backend}-{device}", **result})
+    return rows
+
+
+def _model_units(built: Built, images: np.ndarray, config: BenchConfig) -> list[Unit]:
+    class_index = np.full(len(images), -1, np.int32)
+    units = []
+    for c in built.contenders:
+        if c.per_image:  # the reference: one image per call, on the first few images
+            n = min(config.reference_images, len(images))
+            units.append(Unit(c.name, c.kind, c.runtime, c.precision, 1, n,
+                              batched_run(c.call, images[:n], class_index[:n], 1)))
+            continue
+        for b in config.batch_sizes:
+            units.append(Unit(c.name, c.kind, c.runtime, c.precision, b, len(images),
+                              batched_run(c.call, images, class_index, b)))
+    return units
+
+
+def _rows(timings: list[Timing], built: Built, memory: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One result row per timed unit, with the ratios: vs reference and vs forward-only (same runtime, batch)."""
+    load = {c.name: c.load_mb for c in built.contenders}
+    rows = []
+    for t in timings:
+        u = t.unit
+        rows.append({"contender": u.contender, "kind": u.kind, "runtime": u.runtime, "precision": u.precision,
+                     "batch_size": u.batch_size, "images": u.images, "group": u.group, **summarize(t),
+                     "rep_seconds": t.rep_seconds,
+                     # fresh process, this contender alone, at its largest batch: the figure to read
+                     "own_process_memory": memory.get(u.contender)
+                     if memory.get(u.contender, {}).get("batch_size") == u.batch_size else None,
+                     # this long process: allocators keep what other contenders freed, so indicative only
+                     "in_process_load_mb": load.get(u.contender), "in_process_run_peak_mb": t.run_peak_mb,
+                     "in_process_peak_rss_mb": t.peak_rss_mb})
+    reference = next((r for r in rows if r["kind"] == K.REFERENCE), None)
+    forward = {(r["runtime"], r["precision"], r["batch_size"]): r for r in rows if r["kind"] == K.FORWARD}
+    for r in rows:
+        ips = r["images_per_second"]
+        ref = reference["images_per_second"] if reference else None
+        r["vs_reference"] = ips / ref if ips and ref and r["group"] == "model" else None
+        pair = forward.get((r["runtime"], r["precision"], r["batch_size"])) if r["kind"] == K.GRADCAM else None
+        r["forward_pair"] = pair["contender"] if pair else None
+        r["vs_forward"] = ips / pair["images_per_second"] if pair and ips and pair["images_per_second"] else None
+    return rows
+
+
+def contender_memory(built: Built, config: BenchConfig, input_size: tuple[int, int], log: Log
+                     ) -> dict[str, dict[str, Any]]:
+    """Peak RSS of each contender alone: a fresh process imports its runtime, loads it and runs one largest batch."""
+    from bench.fresh import run_worker
+
+    out = {}
+    for c in built.contenders:
+        batch = 1 if c.per_image else max(config.batch_sizes)
+        start = time.perf_counter()
+        try:
+            out[c.name] = run_worker("bench.memory_worker", [
+                json.dumps(asdict(built.specs[c.name])), json.dumps(asdict(built.sources)), "--batch-size",
+                str(batch), "--size", str(input_size[0]), str(input_size[1])])
+        except BenchError as e:
+            log(f"memory {c.name}: {e}")
+            continue
+        log(f"memory {c.name} b={batch}: peak {out[c.name]['peak_rss_mb']:.0f} MB "
+            f"({time.perf_counter() - start:.0f} s)")
+    return out
+
+
+def run_bench(config: BenchConfig, log: Log = lambda _: None) -> dict[str, Any]:
+    """Everything the bench measures, as one JSON-ready dict (also written to config.json_path / plot_path)."""
+    from engine.artifact import load_artifact
+
+    from bench.report import targets
+
+    _quiet_tensorflow()
+    wall = time.perf_counter()
+    machine = machine_info()
+    work = Path(config.work_dir) if config.work_dir else default_work_dir()
+    work.mkdir(parents=True, exist_ok=True)
+    model = prepare_model(config.model, work, config.preprocess, "both" if config.hardware else "fp32", config.seed)
+    log(f"model {model.name}: artifact {model.artifact} "
+        + (f"(exported in {model.export_seconds:.0f} s)" if model.export_seconds else "(cached export)"))
+    artifact = load_artifact(model.artifact)
+    images = scene_images(max(config.images, config.reference_images), artifact.input_size, config.seed + 1)
+    built = build_contenders(config, model, artifact, log)
+    if not built.contenders:
+        raise BenchError("no contender could be built: " + "; ".join(f"{s['contender']}: {s['reason']}"
+                                                                     for s in built.skipped))
+    check_batch = max([b for b in config.batch_sizes if b <= config.reference_images] or [1])
+    checks = check_contenders(built, images[:config.reference_images], artifact.manifest["num_classes"], log,
+                              check_batch)
+    for c in [c for c in checks if "error" in c]:  # could not run here (say, XLA refusing a graph): skipped, not wrong
+        built.skipped.append({"contender": c["contender"], "reason": f"failed on its first call: {c['error']}"})
+    checks = [c for c in checks if "error" not in c]
+    failed = {c["contender"] for c in checks if not c["ok"]} | {s["contender"] for s in built.skipped}
+    built.contenders = [c for c in built.contenders if c.name not in failed]
+    units = _model_units(built, images[:config.images], config)
+
+    device = _devices(config)[0]
+    run_work = work / "runs" / model.cache.name
+    paths: list[Path] = []
+    if "e2e" in config.backends and not config.hardware:
+        e2e_units, e2e_check, paths = _end_to_end(config, artifact, run_work, device, log)
+        checks.append(e2e_check)
+        units += e2e_units if e2e_check["ok"] else []
+    timings = round_robin(units, config.reps, log=log)
+    memory = contender_memory(built, config, artifact.input_size, log) if config.memory else {}
+    rows = _rows(timings, built, memory)
+    sweep = _dataset_sweep(config, artifact, run_work, paths, device, log) if paths and config.dataset_sizes else []
+
+    report: dict[str, Any] = {
+        "machine": machine,
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
+        "model": {"name": model.name, "artifact": str(model.artifact), "keras": str(model.keras_path or ""),
+                  "input_size": list(artifact.input_size), "target_layer": artifact.manifest["target_layer"],
+                  "preprocessing": model.preprocessing, "export_seconds": model.export_seconds,
+                  "files": sorted({k.split("/")[0] for k in artifact.manifest.get("files", {})})},
+        "checks": checks, "skipped": built.skipped, "results": rows, "dataset_sweep": sweep,
+    }
+    report["targets"] = targets(report)
+    report["wall_seconds"] = time.perf_counter() - wall
+    if config.json_path:
+        Path(config.json_path).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    if config.plot_path:
+        from bench.chart import draw_chart
+        draw_chart(report, Path(config.plot_path))
+    return report
+
+
+_PRESETS: dict[tuple[bool, bool], dict[str, Any]] = {
+    # (quick, hardware): sized so --quick with the seed ResNet50 fits in 10 minutes on 2 CPU cores, export included
+    (True, False): dict(batch_sizes=(1, 8, 32), images=32, reference_images=8, reps=5, e2e_images=32,
+                        e2e_batch_size=16, dataset_sizes=(200, 2000)),
+    (False, False): dict(batch_sizes=(1, 8, 16, 32, 64), images=64, reference_images=16, reps=7, e2e_images=256,
+                         e2e_batch_size=32, dataset_sizes=(200, 2000)),
+    (True, True): dict(batch_sizes=(1, 8, 32), images=32, reps=5, dataset_sizes=()),
+    (False, True): dict(batch_sizes=(1, 8, 32, 64, 128), images=128, reps=7, dataset_sizes=()),
+}
+
+
+def preset(quick: bool = False, hardware: bool = False, **overrides: Any) -> BenchConfig:
+    """The quick or full configuration (model, or hardware mode), with explicit options laid over it."""
+    values = {**_PRESETS[(quick, hardware)], **{k: v for k, v in overrides.items() if v is not None}}
+    return BenchConfig(quick=quick, hardware=hardware, **values)

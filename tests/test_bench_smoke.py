@@ -1,0 +1,167 @@
+"""The bench's machinery on a tiny CNN: contenders agree before timing, are timed alternated, and are reported as
+a Markdown table, JSON with ratios from the medians, and a PNG chart. Sizes are tiny; the numbers are not the point.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+
+BATCH_SIZES = (1, 4)
+DATASET_SIZES = (8, 16)
+
+
+def _tiny_cnn(path: Path) -> Path:
+    import keras
+
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(inputs)
+    x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="last_conv")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(3, activation="softmax")(x)
+    keras.Model(inputs, outputs, name="tiny_cnn").save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from bench.main import preset, run_bench
+    from bench.report import markdown
+
+    tmp = tmp_path_factory.mktemp("bench")
+    config = preset(quick=True, model=str(_tiny_cnn(tmp / "tiny.keras")), preprocess="tf", batch_sizes=BATCH_SIZES,
+                    images=8, reference_images=4, reps=5, e2e_images=8, e2e_batch_size=4,
+                    dataset_sizes=DATASET_SIZES, work_dir=str(tmp / "work"), json_path=str(tmp / "bench.json"),
+                    plot_path=str(tmp / "bench.png"), memory=False)  # memory: one fresh process, tested below
+    report = run_bench(config)
+    return {"report": report, "json": json.loads(Path(config.json_path).read_text()), "markdown": markdown(report),
+            "png": Path(config.plot_path), "config": config}
+
+
+def test_every_contender_agrees_with_the_reference_before_it_is_timed(bench_run: dict[str, Any]) -> None:
+    checks = {c["contender"]: c for c in bench_run["json"]["checks"]}
+    fused = [c for name, c in checks.items() if name.startswith("gradcam ")]
+    assert {"gradcam onnx-cpu", "gradcam tf-cpu"} <= {c["contender"] for c in fused}
+    for c in fused:
+        assert c["against"] == "reference tf-eager-cpu"
+        assert c["ok"] and c["cam_max_abs_diff"] < 1e-4 and c["target_class_mismatches"] == 0
+    assert checks["end-to-end (JPEG -> Parquet)"]["cam_max_abs_diff"] < 1e-5
+
+
+def test_reference_and_onnx_cams_agree_on_the_benchmarked_images(bench_run: dict[str, Any]) -> None:
+    import keras
+    import onnxruntime as ort
+
+    from bench.agreement import mixed_targets
+    from bench.images import scene_images
+    from bench.reference import gradcam_reference, split_for_reference
+    from engine import contract as C
+
+    report, config = bench_run["report"], bench_run["config"]
+    artifact = Path(report["model"]["artifact"])
+    images = scene_images(config.images, (32, 32), config.seed + 1)[:config.reference_images]
+    session = ort.InferenceSession(str(artifact / C.ONNX_FILE), providers=["CPUExecutionProvider"])
+    top1 = session.run([C.PREDICTIONS], {C.IMAGES: images, C.CLASS_INDEX: np.full(len(images), -1, np.int32)})[0]
+    class_index = mixed_targets(top1.argmax(-1), 3)
+    fused = dict(zip(C.ENGINE_OUTPUTS, session.run(list(C.ENGINE_OUTPUTS),
+                                                   {C.IMAGES: images, C.CLASS_INDEX: class_index})))
+    model = keras.models.load_model(report["model"]["keras"], compile=False)
+    reference = gradcam_reference(images, class_index, split_for_reference(model, "last_conv", "tf"))
+    assert (class_index >= 0).any() and (class_index == -1).any()
+    np.testing.assert_array_equal(reference["target_class"], fused[C.TARGET_CLASS])
+    np.testing.assert_allclose(reference["cam"], fused[C.CAM], atol=1e-4)
+    assert reference["cam"].max() == pytest.approx(1.0)  # real maps, not all-zero ones that agree trivially
+
+
+def test_a_contender_with_different_cams_fails_the_check() -> None:
+    from bench.agreement import compare
+    from engine import contract as C
+
+    cam = np.random.default_rng(0).uniform(0, 1, (2, 4, 4)).astype(np.float32)
+    expected = {C.PREDICTIONS: np.array([[0.2, 0.8], [0.6, 0.4]]), C.TARGET_CLASS: np.array([1, 0]), C.CAM: cam}
+    assert compare(expected, dict(expected))["ok"]
+    assert not compare(expected, {**expected, C.CAM: cam[:, ::-1]})["ok"]
+    assert not compare(expected, {**expected, C.TARGET_CLASS: np.array([0, 0])})["ok"]
+
+
+def test_a_contenders_memory_is_measured_alone_in_a_fresh_process(bench_run: dict[str, Any]) -> None:
+    from dataclasses import asdict
+
+    from bench.contenders import GRADCAM, Sources, Spec
+    from bench.fresh import run_worker
+
+    model = bench_run["report"]["model"]
+    sources = Sources(model["artifact"], model["keras"], model["preprocessing"], None)
+    result = run_worker("bench.memory_worker", [json.dumps(asdict(Spec(GRADCAM, "onnx"))), json.dumps(asdict(sources)),
+                                                "--batch-size", "4", "--size", "32", "32"])
+    assert result["batch_size"] == 4
+    assert 0 < result["baseline_rss_mb"] <= result["loaded_rss_mb"] <= result["peak_rss_mb"] < 2048
+
+
+def test_json_has_every_contender_at_every_batch_size_with_the_machine(bench_run: dict[str, Any]) -> None:
+    data = bench_run["json"]
+    seen = {(r["contender"], r["batch_size"]) for r in data["results"]}
+    for name in ("gradcam onnx-cpu", "forward onnx-cpu", "gradcam tf-cpu", "forward tf-cpu"):
+        assert {(name, b) for b in BATCH_SIZES} <= seen
+    assert ("reference tf-eager-cpu", 1) in seen
+    assert {"end-to-end (JPEG -> Parquet)", "model-only (decoded arrays)"} <= {c for c, _ in seen}
+    for r in data["results"]:
+        assert r["repetitions"] == 5 and len(r["rep_seconds"]) == 5
+        assert r["images_per_second_min"] <= r["images_per_second"] <= r["images_per_second_max"]
+    machine = data["machine"]
+    assert machine["cores"] >= 1 and machine["cpu"] and machine["versions"]["onnxruntime"]
+    assert "gpus" in machine
+
+
+def test_ratios_are_computed_from_the_medians(bench_run: dict[str, Any]) -> None:
+    rows = bench_run["json"]["results"]
+    by = {(r["contender"], r["batch_size"]): r for r in rows}
+    reference = by[("reference tf-eager-cpu", 1)]["images_per_second"]
+    for r in rows:
+        if r["kind"] != "gradcam":
+            continue
+        forward = by[(r["forward_pair"], r["batch_size"])]
+        assert r["forward_pair"] == r["contender"].replace("gradcam", "forward")
+        assert r["vs_forward"] == pytest.approx(r["images_per_second"] / forward["images_per_second"])
+        assert r["vs_reference"] == pytest.approx(r["images_per_second"] / reference)
+        assert r["images_per_second"] == pytest.approx(float(np.median([r["images"] / s for s in r["rep_seconds"]])))
+
+
+def test_targets_state_value_goal_and_verdict(bench_run: dict[str, Any]) -> None:
+    targets = bench_run["json"]["targets"]
+    assert len(targets) == 4
+    for t in targets:
+        assert t["measured"] is not None and t["met"] in (True, False) and t["goal"]
+    sweep = bench_run["json"]["dataset_sweep"]
+    assert [r["images"] for r in sweep] == list(DATASET_SIZES)
+    assert all(r["ok"] == r["images"] and r["peak_rss_mb"] > r["baseline_rss_mb"] > 0 for r in sweep)
+
+
+def test_markdown_has_a_row_per_timed_configuration_and_the_targets(bench_run: dict[str, Any]) -> None:
+    text = bench_run["markdown"]
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| contender")]
+    for r in bench_run["json"]["results"]:
+        assert any(line.startswith(f"| {r['contender']} |") and f"| {r['batch_size']} |" in line for line in rows)
+    verdicts = [line for line in text.splitlines() if line.startswith(("- MET:", "- MISSED:"))]
+    assert len(verdicts) == 4
+    assert "vs reference" in text and "vs forward-only" in text
+
+
+def test_chart_is_a_png_with_real_content(bench_run: dict[str, Any]) -> None:
+    from PIL import Image
+
+    png = bench_run["png"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(png) as img:
+        assert img.format == "PNG" and img.width >= 800 and img.height >= 500
+        pixels = np.asarray(img.convert("RGB"))
+    colours = {tuple(c) for c in pixels.reshape(-1, 3)[::7]}
+    assert len(colours) > 20                                  # bars, text, lines: not a blank canvas
+    assert (pixels != 255).any(axis=-1).mean() > 0.03         # a real share of the canvas is drawn on
