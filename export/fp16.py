@@ -2,10 +2,11 @@
 
 A small pass of our own rather than a generic converter: the generic one retypes tensors without retyping the
 `Cast` nodes that produce them and mishandles constants shared across precisions, which ONNX Runtime then refuses.
-Here the rule is simple. Nodes in the backbone's scope (engine.contract.FP16_SCOPE) compute in fp16; the
-preprocessing, the head, the target selection and the CAM (cheap and precision-sensitive) stay float32; a Cast
-is inserted on each edge that crosses between the two, and Cast pairs that cancel are removed. Converting the fp32 ONNX (instead of tracing a
-mixed-precision Keras model) keeps tf2onnx's Conv+BatchNorm folding. Inputs and outputs keep their types.
+Here the rule is simple. Nodes in the backbone's scope (engine.contract.FP16_SCOPE; see half_precision_nodes)
+compute in fp16; the preprocessing, the head, the target selection and the CAM (cheap and precision-sensitive)
+stay float32; a Cast is inserted on each edge that crosses between the two, and Cast pairs that cancel are removed.
+Converting the fp32 ONNX (instead of tracing a mixed-precision Keras model) keeps tf2onnx's Conv+BatchNorm folding.
+Inputs and outputs keep their types.
 """
 from __future__ import annotations
 
@@ -21,10 +22,44 @@ _FLOAT32_INPUTS = {("Resize", 1), ("Resize", 2), ("Upsample", 1)}
 FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
 
 
-def is_fp32_node(node: onnx.NodeProto) -> bool:
-    """Whether a node stays float32: everything outside the backbone's scope, and a few ops inside it."""
-    in_backbone = node.name.startswith(FP16_SCOPE) or f"/{FP16_SCOPE}" in node.name
-    return not in_backbone or node.op_type in FP32_OPS
+def half_precision_nodes(graph: onnx.GraphProto) -> set[str]:
+    """Names of the nodes that compute in fp16: the backbone's, less a few ops that need float32.
+
+    A node is in the backbone when its name or one of its outputs is in the scope. tf2onnx's optimizer renames
+    what it fuses or inserts (a Conv that absorbed its BatchNorm becomes `Conv__119`, writing `Conv__119:0`), so
+    such a generated node also counts when it reads a backbone weight, or when everything it reads comes from the
+    backbone and everything that reads it is in the backbone (a layout Transpose between two backbone ops).
+    """
+    constants = {i.name for i in graph.initializer}
+    producer = {out: n.name for n in graph.node for out in n.output}
+    consumers: dict[str, list[str]] = {}
+    for n in graph.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n.name)
+    inside = {n.name for n in graph.node
+              if any(_in_scope(x) for x in (n.name, *n.output))
+              or (_generated(n) and any(_in_scope(x) for x in n.input if x in constants))}
+    changed = True
+    while changed:
+        changed = False
+        for n in graph.node:
+            if n.name in inside or not _generated(n):
+                continue
+            data = [x for x in n.input if x and x not in constants]
+            readers = [c for out in n.output for c in consumers.get(out, [])]
+            if data and readers and all(producer.get(x) in inside for x in data) and all(r in inside for r in readers):
+                inside.add(n.name)
+                changed = True
+    return {n.name for n in graph.node if n.name in inside and n.op_type not in FP32_OPS}
+
+
+def _in_scope(name: str) -> bool:
+    return name.startswith(FP16_SCOPE) or f"/{FP16_SCOPE}" in name
+
+
+def _generated(node: onnx.NodeProto) -> bool:
+    """tf2onnx names the nodes it creates `Op__N`, without the TensorFlow scope path."""
+    return "/" not in node.name
 
 
 def _float_tensors(model: onnx.ModelProto) -> set[str]:
@@ -47,7 +82,8 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     model = onnx.shape_inference.infer_shapes(model)
     graph = model.graph
     floats = _float_tensors(model)
-    half_nodes = [n for n in graph.node if not is_fp32_node(n)]
+    half_names = half_precision_nodes(graph)
+    half_nodes = [n for n in graph.node if n.name in half_names]
     half_set = {id(n) for n in half_nodes}
     inits = {i.name: i for i in graph.initializer}
 
@@ -110,8 +146,10 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
                 n.input[i] = cast(name, FLOAT)
     graph.node.extend(new_nodes)
     _toposort(graph)
-    del graph.value_info[:]  # stale types; ONNX Runtime infers them again
+    del graph.value_info[:]  # stale types: infer them again, so the round-trip pass knows every tensor's type
+    model = onnx.shape_inference.infer_shapes(model)
     remove_cascaded_casts(model)
+    del model.graph.value_info[:]
     return onnx.shape_inference.infer_shapes(model)
 
 
