@@ -238,14 +238,6 @@ def test_read_bytes_refuses_files_over_the_limit_with_both_sizes(tmp_path: Path)
     assert read_bytes(InputItem(str(path), "file"), 100) == b"x" * 100
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
-def test_read_bytes_of_an_unreadable_file_says_permission_denied(tmp_path: Path) -> None:
-    path = write(tmp_path / "locked.jpg")
-    path.chmod(0)
-    with pytest.raises(ReadError, match="^permission denied$"):
-        read_bytes(InputItem(str(path), "file"), 100)
-
-
 def test_permission_error_while_opening_is_reported_as_permission_denied(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
