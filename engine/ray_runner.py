@@ -71,7 +71,13 @@ def replica_options(config: RunConfig, options: RayOptions) -> RunnerOptions:
 
 def probe(ray: Any, artifact: str, runner_options: RunnerOptions, options: RayOptions) -> tuple[str, str]:
     """(device, precision) of a replica built once with the replicas' resources; its setup errors surface here."""
-    gpus = ray.cluster_resources().get("GPU", 0)
+    resources = ray.cluster_resources()
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    replicas = options.concurrency or 1
+    if replicas * options.num_cpus_per_worker > cpus - 1:  # else decode and write tasks never get a CPU: a hang
+        raise RunError(f"{replicas} replica(s) x --num-cpus-per-worker {options.num_cpus_per_worker:g} leave none "
+                       f"of the Ray cluster's {cpus:g} CPUs to decode and write tasks; ask for fewer "
+                       "(fractions such as 0.5 are allowed)")
     if options.num_gpus_per_worker > gpus:
         raise RunError(f"the Ray cluster has {gpus:g} GPUs, fewer than --num-gpus-per-worker "
                        f"{options.num_gpus_per_worker:g}; start GPU workers first")

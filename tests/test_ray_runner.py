@@ -91,7 +91,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[Any]:
     """One small local Ray for the module, shut down at the end."""
-    ray = pytest.importorskip("ray")
+    import ray  # the dev extra installs it: a missing Ray fails here rather than skipping
     ray.init(address="local", num_cpus=2, object_store_memory=200 << 20, include_dashboard=False,
              log_to_driver=False)
     yield ray
@@ -234,6 +234,18 @@ def test_replica_setup_error_is_one_line_and_writes_nothing(ray_cluster: Any, ar
     with pytest.raises(RunError, match="no fp16 file"):
         run_gradcam_ray(config, RayOptions(concurrency=1))
     assert not (in_workdir / "fp16_run").exists()
+
+
+def test_replicas_that_take_every_cpu_are_refused_not_left_to_hang(ray_cluster: Any, artifact: Path,
+                                                                    in_workdir: Path) -> None:
+    from engine.errors import RunError
+    from engine.ray_runner import RayOptions, run_gradcam_ray
+
+    with pytest.raises(RunError, match="leave none of the Ray cluster's 2 CPUs"):
+        run_gradcam_ray(_config(artifact, "greedy"), RayOptions(num_cpus_per_worker=2))
+    with pytest.raises(RunError, match="2 replica"):
+        run_gradcam_ray(_config(artifact, "greedy"), RayOptions(concurrency=2))
+    assert not (in_workdir / "greedy").exists()
 
 
 def test_ray_flags_need_the_ray_runner(artifact: Path, in_workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
