@@ -1,7 +1,7 @@
 """The inputs of a run: which images, in which order, and how to read their bytes.
 
-A run takes specs (directories, glob patterns, path lists, tar shards, single files) and turns them into one
-deterministic list of items. Each item's key is how the image is named in the results, so the same specs always give
+A run takes specs (directories, glob patterns, path lists, tar shards, single files, and URIs such as
+s3://bucket/prefix/, see engine/remote_files.py) and turns them into one deterministic list of items. Each item's key is how the image is named in the results, so the same specs always give
 the same rows in the same order.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ TAR = "tar"
 
 @dataclass(frozen=True)
 class InputItem:
-    """One image to process; key names it in the results, kind says how to read it ("file" or "tar")."""
+    """One image to process; key names it in the results, kind says how to read it ("file", "tar" or "uri")."""
 
     key: str
     kind: str
@@ -71,6 +71,10 @@ def list_inputs(specs: Sequence[str]) -> InputListing:
 
 
 def _expand_spec(spec: str) -> tuple[list[InputItem], int]:
+    from engine import remote_files  # imports this module; pyarrow.fs only when a URI is given
+
+    if remote_files.is_uri(spec):
+        return remote_files.list_uri(spec)
     # A path that exists wins over glob syntax, so a file literally named "a[1].jpg" is still found.
     if not os.path.lexists(spec) and glob.has_magic(spec):
         return _expand_glob(spec)
@@ -133,10 +137,19 @@ def _read_path_list(list_path: str) -> list[InputItem]:
             for line in lines:
                 path = line.strip()
                 if path and not path.startswith("#"):
-                    items.append(InputItem(os.path.join(base, path), FILE))
+                    items.append(_list_entry(base, path))
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{list_path}: cannot read the path list ({_one_line(exc)})") from exc
     return items
+
+
+def _list_entry(base: str, path: str) -> InputItem:
+    """A path-list line: a URI (s3://...) stays one; a local path is relative to the list's directory."""
+    from engine import remote_files
+
+    if remote_files.is_uri(path):
+        return InputItem(path, remote_files.URI)
+    return InputItem(os.path.join(base, path), FILE)
 
 
 def _list_tar(tar_path: str) -> tuple[list[InputItem], int]:
@@ -156,6 +169,10 @@ def _list_tar(tar_path: str) -> tuple[list[InputItem], int]:
 
 
 def _identity(item: InputItem) -> tuple[str, str]:
+    if item.kind != FILE and item.kind != TAR:
+        from engine import remote_files
+
+        return item.kind, remote_files.identity(item.key)
     if item.kind == TAR:
         tar_path, member = split_tar_key(item.key)
         return item.kind, os.path.normpath(tar_path) + TAR_SEPARATOR + member
@@ -176,7 +193,11 @@ def read_bytes(item: InputItem, max_bytes: int) -> bytes:
     """Read one item's bytes, turning every failure into a ReadError so it becomes an error row, not a crash."""
     if item.kind == TAR:
         return _read_tar_member(item.key, max_bytes)
-    return _read_file(item.key, max_bytes)
+    if item.kind == FILE:
+        return _read_file(item.key, max_bytes)
+    from engine import remote_files
+
+    return remote_files.read_uri(item.key, max_bytes)
 
 
 def _read_file(path: str, max_bytes: int) -> bytes:

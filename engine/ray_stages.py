@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from engine import contract as C
 from engine.decode import DecodedImage
-from engine.inputs import InputItem
+from engine.inputs import FILE, TAR, InputItem
 from engine.pipeline import Batch, Loaded, load
 from engine.results import SCHEMA, to_table, write_shard
 from engine.run import batch_rows, write_overlays
@@ -46,7 +46,8 @@ class DecodeSpec:
 
 def load_key(key: str, kind: str, spec: DecodeSpec, keep_original: bool) -> Loaded:
     """engine.pipeline.load for one key, read relative to the driver's directory but reported under the key itself."""
-    readable = key if os.path.isabs(key) else os.path.join(spec.base, key)
+    local = kind in (FILE, TAR)  # a URI names its store itself
+    readable = key if not local or os.path.isabs(key) else os.path.join(spec.base, key)
     loaded = load(InputItem(readable, kind), spec.size, spec.max_bytes, spec.max_pixels, keep_original)
     return dataclasses.replace(loaded, key=key)
 

@@ -275,3 +275,15 @@ def test_local_runner_and_cli_never_import_ray() -> None:
             "loaded = [m for m in sys.modules if m == 'ray' or m.startswith('ray.')]; "
             "assert not loaded, loaded")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_decode_tasks_read_uris_as_named_not_relative_to_the_driver(in_workdir: Path, tmp_path: Path) -> None:
+    """A worker joins relative local paths to the driver's directory; a URI names its store and is read as is."""
+    from engine.ray_stages import DecodeSpec, load_key
+    from engine.remote_files import URI
+
+    image = next(p for p in sorted((in_workdir / "images").iterdir()) if p.suffix == ".png")
+    key = image.resolve().as_uri()
+    loaded = load_key(key, URI, DecodeSpec((32, 32), 1 << 20, 1 << 24, str(tmp_path)), keep_original=False)
+    assert loaded.key == key and loaded.error is None and loaded.image is not None
+    assert loaded.image.pixels.shape == (32, 32, 3)
