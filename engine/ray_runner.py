@@ -23,9 +23,9 @@ from engine.artifact import Artifact, load_artifact
 from engine.errors import USER_ERRORS, RunError
 from engine.inputs import InputItem, list_inputs
 from engine.ray_stages import INDEX, KIND, DecodeSpec, GradCAMActor, decode_batch, probe_replica, write_batch
-from engine.results import RESULTS_DIR, clean_partial, count_rows, done_paths
-from engine.run import (OVERLAY_DIR, RUN_JSON, RunConfig, RunSummary, runner_options, run_fingerprint, parse_overlays,
-                        prepare_run_dir, library_versions, write_json, resolve_target)
+from engine.results import RESULTS_DIR, clean_partial, done_paths
+from engine.run import (OVERLAY_DIR, RUN_JSON, RunConfig, RunSummary, finish_run, library_versions, parse_overlays,
+                        prepare_run_dir, resolve_target, run_fingerprint, runner_options, write_json)
 from engine.runner import RunnerOptions
 
 MAX_INPUT_BLOCKS = 4096  # blocks the input list is cut into: enough to spread decoding, few enough to schedule
@@ -211,19 +211,5 @@ def run_gradcam_ray(config: RunConfig, options: RayOptions = RayOptions()) -> Ru
         seconds = time.perf_counter() - start
     if written != len(pending):
         raise RunError(f"{out}: the Ray run wrote {written} of {len(pending)} rows; run it again to complete it")
-    counts = count_rows(results_dir)
-    summary = RunSummary(
-        out=str(out), images=len(listing.items), ok=counts.get("ok", 0), errors=counts.get("error", 0),
-        processed=len(pending), skipped_resume=len(listing.items) - len(pending),
-        skipped_non_image=listing.skipped_non_image, seconds=seconds,
-        images_per_second=len(pending) / seconds if seconds > 0 else 0.0, device=device,
-        backend=f"{config.backend} {precision}", extra={"overlays": overlay_limit > 0 and bool(listing.items),
-                                                        "runner": "ray"})
-    run_info.update(status="complete", counts={"inputs": summary.images, "ok": summary.ok, "error": summary.errors,
-                                               "skipped_non_image": summary.skipped_non_image,
-                                               "processed_this_run": summary.processed,
-                                               "already_done": summary.skipped_resume},
-                    throughput={"seconds": round(seconds, 3), "images_per_second": round(summary.images_per_second, 2)},
-                    finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    write_json(out / RUN_JSON, run_info)
-    return summary
+    return finish_run(out, run_info, listing, len(pending), seconds, device, f"{config.backend} {precision}",
+                      {"overlays": overlay_limit > 0 and bool(listing.items), "runner": "ray"})

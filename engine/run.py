@@ -21,7 +21,7 @@ from engine import contract as C
 from engine.artifact import load_artifact
 from engine.decode import DEFAULT_MAX_PIXELS
 from engine.errors import RunError
-from engine.inputs import list_inputs
+from engine.inputs import InputListing, list_inputs
 from engine.overlay import overlays
 from engine.pipeline import BackgroundWriter, Batch, batches, load, ordered_map, prefetch
 from engine.progress import Progress
@@ -239,14 +239,22 @@ def run_gradcam(config: RunConfig, runner: Callable[[dict[str, np.ndarray]], dic
         progress.close()
     flush()
     seconds = time.perf_counter() - start
-    counts = count_rows(results_dir)
+    return finish_run(out, run_info, listing, len(pending), seconds, device, f"{config.backend} {precision}",
+                      {"overlays": bool(overlay_keys)})
+
+
+def finish_run(out: Path, run_info: dict[str, Any], listing: InputListing, processed: int, seconds: float,
+               device: str, backend: str, extra: dict[str, Any]) -> RunSummary:
+    """Count what results/ now holds, mark run.json complete with counts and throughput, and return the summary.
+
+    Counts come from the results themselves, not this run's tally, so a resumed run reports the whole run.
+    """
+    counts = count_rows(out / RESULTS_DIR)
     summary = RunSummary(
         out=str(out), images=len(listing.items), ok=counts.get("ok", 0), errors=counts.get("error", 0),
-        processed=len(pending), skipped_resume=len(listing.items) - len(pending),
+        processed=processed, skipped_resume=len(listing.items) - processed,
         skipped_non_image=listing.skipped_non_image, seconds=seconds,
-        images_per_second=len(pending) / seconds if seconds > 0 else 0.0, device=device,
-        backend=f"{config.backend} {precision}",
-        extra={"overlays": bool(overlay_keys)})
+        images_per_second=processed / seconds if seconds > 0 else 0.0, device=device, backend=backend, extra=extra)
     run_info.update(status="complete", counts={"inputs": summary.images, "ok": summary.ok, "error": summary.errors,
                                                "skipped_non_image": summary.skipped_non_image,
                                                "processed_this_run": summary.processed,

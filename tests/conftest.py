@@ -15,31 +15,12 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
+from bench.images import scene_images  # the scenes the benchmarks use: structured, so CAMs have a shape
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 REFERENCE_BATCH = 8   # images per model with a reference; batches of 1, 3 and 8 are its prefixes
 EXPLICIT_SLOTS = (1, 4, 6)  # positions that ask for an explicit (non-top-1) class instead of -1
-
-
-def scene_images(n: int, size: tuple[int, int], seed: int) -> np.ndarray:
-    """uint8 RGB [n, H, W, 3]: a tilted colour gradient with one to three discs or boxes and mild noise."""
-    rng = np.random.default_rng(seed)
-    h, w = size
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    out = np.empty((n, h, w, 3), np.uint8)
-    for i in range(n):
-        img = rng.uniform(30, 220, 3) + rng.uniform(-60, 60, 3) * ((xx + yy) / (h + w))[..., None]
-        for _ in range(int(rng.integers(1, 4))):
-            cy, cx = rng.uniform(0, h), rng.uniform(0, w)
-            r = rng.uniform(0.12, 0.3) * min(h, w)
-            if rng.random() < 0.5:
-                mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
-            else:
-                mask = (np.abs(yy - cy) < r) & (np.abs(xx - cx) < r * rng.uniform(0.5, 1.5))
-            img[mask] = rng.uniform(0, 255, 3)
-        img = img + rng.normal(0, 6, img.shape)
-        out[i] = np.clip(img, 0, 255).astype(np.uint8)
-    return out
 
 
 @dataclass
