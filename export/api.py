@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import uuid
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -53,6 +54,8 @@ def _load_keras(path: Path) -> Any:
         raise ExportError(f"{path}: no such file")
     if path.suffix not in (".keras", ".h5", ".hdf5"):
         raise ExportError(f"{path}: not a Keras model file (expected a .keras file saved by Keras 3)")
+    if path.suffix == ".keras" and not zipfile.is_zipfile(path):  # Keras would call it "File not found"
+        raise ExportError(f"{path}: not a loadable Keras model (a .keras file is a zip archive; this one is not)")
     try:
         return keras.models.load_model(path, compile=False)
     except Exception as e:  # Keras raises many types for a bad file

@@ -84,6 +84,17 @@ def out_parent(tmp_path: Path) -> Path:
 def test_text_file_named_keras_is_refused_as_not_a_keras_model(models, out_parent, capsys) -> None:
     message = fails_cleanly(capsys, out_parent, str(models["text_named_keras"]), "--out", str(out_parent / "a"))
     assert "notes.keras" in message and "not a loadable Keras model" in message
+    assert "is a zip archive; this one is not" in message
+
+
+def test_zip_named_keras_without_a_model_is_refused(out_parent, tmp_path, capsys) -> None:
+    import zipfile
+
+    fake = tmp_path / "photos.keras"
+    with zipfile.ZipFile(fake, "w") as archive:
+        archive.writestr("readme.txt", "not a model")
+    message = fails_cleanly(capsys, out_parent, str(fake), "--out", str(out_parent / "z"))
+    assert "photos.keras" in message and "not a loadable Keras model" in message
 
 
 def test_txt_file_is_refused_as_not_a_keras_model_file(models, out_parent, capsys) -> None:
