@@ -11,7 +11,7 @@ import posixpath
 import re
 import threading
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from engine.inputs import (PATH_LIST_EXTENSIONS, TAR_EXTENSION, InputError, InputItem, ReadError, _is_image_name,
                            _one_line)
@@ -35,8 +35,8 @@ def _path_in(uri: str) -> str:
     """The path pyarrow.fs uses for a URI: s3://bucket/key -> bucket/key; file:///a/b and hdfs://host/a -> /a/b."""
     parts = urlsplit(uri)
     if parts.scheme in _NETLOC_IS_HOST:
-        return parts.path
-    return f"{parts.netloc}{parts.path}".rstrip("/")
+        return unquote(parts.path)
+    return unquote(f"{parts.netloc}{parts.path}").rstrip("/")
 
 
 def _filesystem(uri: str) -> tuple[Any, str]:
@@ -59,11 +59,12 @@ def _filesystem(uri: str) -> tuple[Any, str]:
 
 
 def _child_uri(spec: str, path: str) -> str:
-    """The URI of an object listed under spec, keeping its scheme, host and options (?region=..., etc.)."""
+    """The URI of an object listed under spec, keeping its scheme, host and options (?region=..., etc.); the path
+    is percent-encoded, so a name with spaces or '#' is still one valid URI."""
     parts = urlsplit(spec)
     host = parts.netloc if parts.scheme in _NETLOC_IS_HOST else ""
     query = f"?{parts.query}" if parts.query else ""
-    return f"{parts.scheme}://{host}{path}{query}"
+    return f"{parts.scheme}://{host}{quote(path, safe='/')}{query}"
 
 
 def list_uri(spec: str) -> tuple[list[InputItem], int]:

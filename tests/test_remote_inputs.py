@@ -50,6 +50,15 @@ def test_a_local_path_list_may_name_uris(tmp_path: Path) -> None:
     assert items == [InputItem(uri(image), URI), InputItem(str(tmp_path / "x.jpg"), "file")]
 
 
+def test_names_with_spaces_and_hashes_become_valid_uris_that_read_back(tmp_path: Path) -> None:
+    image = write(tmp_path / "my photos" / "cat #1.jpg", b"meow")
+    (tmp_path / "my photos" / "list.txt").write_text("cat #1.jpg\n")
+    for spec in (uri(tmp_path / "my photos"), uri(tmp_path / "my photos" / "list.txt")):
+        items = list_inputs([spec]).items
+        assert [i.key for i in items] == [uri(image)] and "%20" in items[0].key and "%231" in items[0].key
+        assert read_bytes(items[0], 100) == b"meow"
+
+
 def test_two_spellings_of_one_object_are_one_input(tmp_path: Path) -> None:
     image = write(tmp_path / "d" / "x.jpg")
     assert len(list_inputs([uri(image), uri(image).replace("/d/", "/d/./")]).items) == 1
