@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -87,11 +86,6 @@ def _build(spec: K.Spec, built: Built, shared: dict[str, Any], log: Log) -> None
     built.contenders.append(contender)
     built.specs[contender.name] = spec
     log(f"built {contender.name} in {time.perf_counter() - start:.1f} s")
-
-
-def _quiet_tensorflow() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "3")
 
 
 def _devices(config: BenchConfig) -> list[str]:
@@ -296,8 +290,9 @@ def run_bench(config: BenchConfig, log: Log = lambda _: None) -> dict[str, Any]:
     from engine.artifact import load_artifact
 
     from bench.report import targets
+    from engine.cli import quiet_tensorflow
 
-    _quiet_tensorflow()
+    quiet_tensorflow()  # the bench imports TensorFlow; its start-up lines would bury the log
     wall = time.perf_counter()
     machine = machine_info()
     work = Path(config.work_dir) if config.work_dir else default_work_dir()
