@@ -1,8 +1,8 @@
 """The inputs of a run: which images, in which order, and how to read their bytes.
 
-A run takes specs (directories, glob patterns, path lists, tar shards, single files, and URIs such as
-s3://bucket/prefix/, see engine/remote_files.py) and turns them into one deterministic list of items. Each item's key is how the image is named in the results, so the same specs always give
-the same rows in the same order.
+A run takes specs (directories, glob patterns, path lists, tar shards, single files, and the same as URIs such as
+s3://bucket/prefix/ through engine/remote_files.py) and turns them into one deterministic list of items. Each item's
+key is how the image is named in the results, so the same specs always give the same rows in the same order.
 """
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import os
 import stat
 import tarfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from engine import remote_files as remote
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -23,6 +25,7 @@ TAR_SEPARATOR = "::"  # key of a tar member: f"{tar_path}::{member_name}"
 
 FILE = "file"
 TAR = "tar"
+MAX_PATH_LIST_BYTES = 1 << 30  # a path list is read whole: 1 GiB is tens of millions of paths
 
 
 @dataclass(frozen=True)
@@ -71,10 +74,8 @@ def list_inputs(specs: Sequence[str]) -> InputListing:
 
 
 def _expand_spec(spec: str) -> tuple[list[InputItem], int]:
-    from engine import remote_files  # imports this module; pyarrow.fs only when a URI is given
-
-    if remote_files.is_uri(spec):
-        return remote_files.list_uri(spec)
+    if remote.is_uri(spec):
+        return _expand_uri(spec)
     # A path that exists wins over glob syntax, so a file literally named "a[1].jpg" is still found.
     if not os.path.lexists(spec) and glob.has_magic(spec):
         return _expand_glob(spec)
@@ -88,6 +89,32 @@ def _expand_spec(spec: str) -> tuple[list[InputItem], int]:
     if extension == TAR_EXTENSION:
         return _list_tar(spec)
     return [InputItem(spec, FILE)], 0
+
+
+def _expand_uri(spec: str) -> tuple[list[InputItem], int]:
+    """A URI means what the same local path would: a prefix is walked, a .txt/.lst object is a path list."""
+    if glob.has_magic(remote.uri_path(spec)):
+        raise InputError(f"{spec}: glob patterns are not supported in URIs; name a prefix or a path list")
+    try:
+        info = remote.stat(spec)
+        if info.kind == remote.MISSING:
+            raise InputError(f"{spec}: no such file, directory or prefix")
+        if info.kind == remote.DIRECTORY:
+            uris = remote.list_files(spec)
+            images = [uri for uri in uris if _is_image_name(remote.uri_path(uri))]
+            return [InputItem(uri, remote.URI) for uri in images], len(uris) - len(images)
+        extension = os.path.splitext(remote.uri_path(spec))[1].lower()
+        if extension in PATH_LIST_EXTENSIONS:
+            text = remote.read(spec, MAX_PATH_LIST_BYTES)
+            if len(text) > MAX_PATH_LIST_BYTES:
+                raise InputError(f"{spec}: path list over {MAX_PATH_LIST_BYTES} bytes; split it")
+            return _path_list_items(text.decode("utf-8"), lambda line: InputItem(remote.resolve(spec, line),
+                                                                                 remote.URI)), 0
+    except (remote.UriError, UnicodeDecodeError) as exc:
+        raise InputError(f"{spec}: {_one_line(exc)}") from exc
+    if extension == TAR_EXTENSION:
+        raise InputError(f"{spec}: tar shards are read from local paths only; copy it locally or list its images")
+    return [InputItem(spec, remote.URI)], 0
 
 
 def _expand_glob(pattern: str) -> tuple[list[InputItem], int]:
@@ -129,27 +156,21 @@ def _walk_directory(root: str) -> tuple[list[InputItem], int]:
 
 
 def _read_path_list(list_path: str) -> list[InputItem]:
-    """One item per non-blank, non-comment line, whatever the path holds, so every listed path gets a result row."""
+    """A local path list; its relative lines are relative to the list's own directory."""
     base = os.path.dirname(list_path)
-    items = []
     try:
         with open(list_path, encoding="utf-8") as lines:
-            for line in lines:
-                path = line.strip()
-                if path and not path.startswith("#"):
-                    items.append(_list_entry(base, path))
+            text = lines.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{list_path}: cannot read the path list ({_one_line(exc)})") from exc
-    return items
+    return _path_list_items(text, lambda line: InputItem(line, remote.URI) if remote.is_uri(line)
+                            else InputItem(os.path.join(base, line), FILE))
 
 
-def _list_entry(base: str, path: str) -> InputItem:
-    """A path-list line: a URI (s3://...) stays one; a local path is relative to the list's directory."""
-    from engine import remote_files
-
-    if remote_files.is_uri(path):
-        return InputItem(path, remote_files.URI)
-    return InputItem(os.path.join(base, path), FILE)
+def _path_list_items(text: str, item: Callable[[str], InputItem]) -> list[InputItem]:
+    """One item per non-blank, non-comment line, whatever the path holds, so every listed path gets a result row."""
+    lines = (line.strip() for line in text.splitlines())
+    return [item(line) for line in lines if line and not line.startswith("#")]
 
 
 def _list_tar(tar_path: str) -> tuple[list[InputItem], int]:
@@ -169,10 +190,8 @@ def _list_tar(tar_path: str) -> tuple[list[InputItem], int]:
 
 
 def _identity(item: InputItem) -> tuple[str, str]:
-    if item.kind != FILE and item.kind != TAR:
-        from engine import remote_files
-
-        return item.kind, remote_files.identity(item.key)
+    if item.kind == remote.URI:
+        return item.kind, remote.identity(item.key)
     if item.kind == TAR:
         tar_path, member = split_tar_key(item.key)
         return item.kind, os.path.normpath(tar_path) + TAR_SEPARATOR + member
@@ -193,11 +212,27 @@ def read_bytes(item: InputItem, max_bytes: int) -> bytes:
     """Read one item's bytes, turning every failure into a ReadError so it becomes an error row, not a crash."""
     if item.kind == TAR:
         return _read_tar_member(item.key, max_bytes)
-    if item.kind == FILE:
-        return _read_file(item.key, max_bytes)
-    from engine import remote_files
+    if item.kind == remote.URI:
+        return _read_uri(item.key, max_bytes)
+    return _read_file(item.key, max_bytes)
 
-    return remote_files.read_uri(item.key, max_bytes)
+
+def _read_uri(uri: str, max_bytes: int) -> bytes:
+    """An object's bytes, with the same messages as a local file's for the same failures."""
+    try:
+        info = remote.stat(uri)
+        if info.kind == remote.MISSING:
+            raise ReadError("no such file")
+        if info.kind == remote.DIRECTORY:
+            raise ReadError("is a directory")
+        if info.size is not None and info.size > max_bytes:
+            raise ReadError(f"file is {info.size} bytes, over the limit of {max_bytes}")
+        data = remote.read(uri, max_bytes)
+    except remote.UriError as exc:
+        raise ReadError(str(exc)) from exc
+    if len(data) > max_bytes:  # grew since stat
+        raise ReadError(f"file is over the limit of {max_bytes} bytes")
+    return data
 
 
 def _read_file(path: str, max_bytes: int) -> bytes:

@@ -1,26 +1,38 @@
-"""Inputs named by URI (s3://, gs://, hdfs://, abfs://, file://): listed and read through pyarrow.fs.
+"""Objects named by URI (s3://, gs://, hdfs://, file://): what one is, what lies under a prefix, and its bytes.
 
 A cluster's images usually live in object storage, not on the node's disk. pyarrow (already the results' writer)
-reaches the common stores with credentials from the environment, so a URI spec works like a local one: a prefix is
-listed recursively in sorted order, a `.txt`/`.lst` object is a path list, any other object is one image. Every
-item's key is a full URI, so the results name where each image came from and any node can read it again.
+reaches the common stores with credentials from the environment. This module only talks to the store; what a URI
+spec means (a prefix, a path list, one image) is decided in engine.inputs exactly as for local paths. Listed objects
+are named by full, percent-encoded URIs, so the results say where each image came from and any node can read it.
 """
 from __future__ import annotations
 
 import posixpath
 import re
 import threading
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
-from engine.inputs import (PATH_LIST_EXTENSIONS, TAR_EXTENSION, InputError, InputItem, ReadError, _is_image_name,
-                           _one_line)
-
-URI = "uri"  # InputItem.kind of an item read through pyarrow.fs
+URI = "uri"  # InputItem.kind of an item read through this module
+FILE, DIRECTORY, MISSING = "file", "directory", "missing"
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_NETLOC_IS_HOST = frozenset({"file", "hdfs", "viewfs"})  # else the netloc is the bucket, part of the object's path
 
 _filesystems: dict[str, Any] = {}
 _lock = threading.Lock()
+
+
+class UriError(Exception):
+    """A store that cannot be reached or an object that cannot be listed or read; the message is one line."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a URI names: a file (with its size), a directory or prefix, or nothing."""
+
+    kind: str
+    size: int | None = None
 
 
 def is_uri(spec: str) -> bool:
@@ -28,7 +40,9 @@ def is_uri(spec: str) -> bool:
     return bool(_SCHEME.match(spec))
 
 
-_NETLOC_IS_HOST = frozenset({"file", "hdfs", "viewfs"})  # else the netloc is the bucket, part of the object's path
+def uri_path(uri: str) -> str:
+    """The URI's path part, without its options: where its extension and any glob characters are."""
+    return urlsplit(uri).path
 
 
 def _path_in(uri: str) -> str:
@@ -39,7 +53,7 @@ def _path_in(uri: str) -> str:
     return unquote(f"{parts.netloc}{parts.path}").rstrip("/")
 
 
-def _filesystem(uri: str) -> tuple[Any, str]:
+def _open(uri: str) -> tuple[Any, str]:
     """(filesystem, path inside it). One filesystem per store and options, shared by all threads (pyarrow's are
     thread-safe), so reading an object does not build an S3 client each time. A store whose paths do not follow
     _path_in is never cached: correct, only slower."""
@@ -51,7 +65,10 @@ def _filesystem(uri: str) -> tuple[Any, str]:
         cached = _filesystems.get(store)
     if cached is not None:
         return cached, _path_in(uri)
-    filesystem, path = pyarrow.fs.FileSystem.from_uri(uri)
+    try:
+        filesystem, path = pyarrow.fs.FileSystem.from_uri(uri)
+    except (OSError, ValueError) as exc:
+        raise UriError(f"cannot open ({_one_line(exc)})") from exc
     if path.rstrip("/") == _path_in(uri).rstrip("/"):
         with _lock:
             _filesystems.setdefault(store, filesystem)
@@ -59,86 +76,58 @@ def _filesystem(uri: str) -> tuple[Any, str]:
 
 
 def _child_uri(spec: str, path: str) -> str:
-    """The URI of an object listed under spec, keeping its scheme, host and options (?region=..., etc.); the path
-    is percent-encoded, so a name with spaces or '#' is still one valid URI."""
+    """The URI of an object at a store path, keeping spec's scheme, host and options (?region=...); the path is
+    percent-encoded, so a name with spaces or '#' is still one valid URI."""
     parts = urlsplit(spec)
     host = parts.netloc if parts.scheme in _NETLOC_IS_HOST else ""
     query = f"?{parts.query}" if parts.query else ""
     return f"{parts.scheme}://{host}{quote(path, safe='/')}{query}"
 
 
-def list_uri(spec: str) -> tuple[list[InputItem], int]:
-    """Expand one URI spec into items (and the count of non-image objects skipped under a prefix)."""
+def stat(uri: str) -> ObjectInfo:
+    """What the URI names now."""
     import pyarrow.fs
 
-    if any(ch in urlsplit(spec).path for ch in "*?["):
-        raise InputError(f"{spec}: glob patterns are not supported in URIs; name a prefix or a path list")
+    filesystem, path = _open(uri)
     try:
-        filesystem, path = _filesystem(spec)
         info = filesystem.get_file_info(path)
     except (OSError, ValueError) as exc:
-        raise InputError(f"{spec}: cannot open ({_one_line(exc)})") from exc
+        raise UriError(f"cannot open ({_one_line(exc)})") from exc
     if info.type == pyarrow.fs.FileType.NotFound:
-        raise InputError(f"{spec}: no such file, directory or prefix")
+        return ObjectInfo(MISSING)
     if info.type == pyarrow.fs.FileType.Directory:
-        try:
-            found = filesystem.get_file_info(pyarrow.fs.FileSelector(path, recursive=True))
-        except OSError as exc:
-            raise InputError(f"{spec}: cannot list ({_one_line(exc)})") from exc
-        files = sorted((f.path for f in found if f.type == pyarrow.fs.FileType.File), key=lambda p: p.split("/"))
-        images = [p for p in files if _is_image_name(p)]
-        return [InputItem(_child_uri(spec, p), URI) for p in images], len(files) - len(images)
-    extension = posixpath.splitext(path)[1].lower()
-    if extension in PATH_LIST_EXTENSIONS:
-        return _read_uri_path_list(spec, filesystem, path), 0
-    if extension == TAR_EXTENSION:
-        raise InputError(f"{spec}: tar shards are read from local paths only; copy it locally or list its images")
-    return [InputItem(spec, URI)], 0
+        return ObjectInfo(DIRECTORY)
+    return ObjectInfo(FILE, info.size)
 
 
-def _read_uri_path_list(spec: str, filesystem: Any, path: str) -> list[InputItem]:
-    """A path list stored remotely: absolute URIs are kept, other lines are relative to the list's own prefix."""
-    try:
-        with filesystem.open_input_stream(path) as stream:
-            text = stream.read().decode("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{spec}: cannot read the path list ({_one_line(exc)})") from exc
-    base = posixpath.dirname(path)
-    items = []
-    for line in text.splitlines():
-        entry = line.strip()
-        if not entry or entry.startswith("#"):
-            continue
-        if is_uri(entry):
-            items.append(InputItem(entry, URI))
-        else:
-            items.append(InputItem(_child_uri(spec, posixpath.normpath(posixpath.join(base, entry))), URI))
-    return items
-
-
-def read_uri(uri: str, max_bytes: int) -> bytes:
-    """One object's bytes; a missing object, a prefix, an oversized object or a failed read is a ReadError."""
+def list_files(uri: str) -> list[str]:
+    """The URIs of every object under a prefix, recursively, in path order (a directory's contents together)."""
     import pyarrow.fs
 
+    filesystem, path = _open(uri)
     try:
-        filesystem, path = _filesystem(uri)
-        info = filesystem.get_file_info(path)
-    except (OSError, ValueError) as exc:
-        raise ReadError(f"cannot open ({_one_line(exc)})") from exc
-    if info.type == pyarrow.fs.FileType.NotFound:
-        raise ReadError("no such file")
-    if info.type == pyarrow.fs.FileType.Directory:
-        raise ReadError("is a directory")
-    if info.size is not None and info.size > max_bytes:
-        raise ReadError(f"file is {info.size} bytes, over the limit of {max_bytes}")
-    try:
-        with filesystem.open_input_stream(path) as stream:
-            data = stream.read(max_bytes + 1)
+        found = filesystem.get_file_info(pyarrow.fs.FileSelector(path, recursive=True))
     except OSError as exc:
-        raise ReadError(f"cannot read ({_one_line(exc)})") from exc
-    if len(data) > max_bytes:
-        raise ReadError(f"file is over the limit of {max_bytes} bytes")
-    return bytes(data)
+        raise UriError(f"cannot list ({_one_line(exc)})") from exc
+    paths = sorted((f.path for f in found if f.type == pyarrow.fs.FileType.File), key=lambda p: p.split("/"))
+    return [_child_uri(uri, p) for p in paths]
+
+
+def resolve(list_uri: str, entry: str) -> str:
+    """A line of a path list stored at list_uri: a URI as it is, anything else relative to the list's prefix."""
+    if is_uri(entry):
+        return entry
+    return _child_uri(list_uri, posixpath.normpath(posixpath.join(posixpath.dirname(_path_in(list_uri)), entry)))
+
+
+def read(uri: str, limit: int) -> bytes:
+    """At most limit + 1 bytes of the object, so a caller can tell "over the limit" without reading it all."""
+    filesystem, path = _open(uri)
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            return bytes(stream.read(limit + 1))
+    except OSError as exc:
+        raise UriError(f"cannot read ({_one_line(exc)})") from exc
 
 
 def identity(uri: str) -> str:
@@ -147,3 +136,6 @@ def identity(uri: str) -> str:
     path = posixpath.normpath(parts.path) if parts.path else parts.path
     return f"{parts.scheme}://{parts.netloc}{path}" + (f"?{parts.query}" if parts.query else "")
 
+
+def _one_line(value: object) -> str:
+    return " ".join(str(value).split())
