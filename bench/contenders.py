@@ -44,18 +44,9 @@ def _name(kind: str, runtime: str, precision: str) -> str:
 
 
 def _ort_session(path: Path, device: str, threads: int) -> Any:
-    import onnxruntime as ort
+    from engine.runner import cuda_available, onnx_session
 
-    from engine.runner import cuda_available
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        options.intra_op_num_threads = threads
-    providers: list[Any] = ["CPUExecutionProvider"]
-    if device == "cuda" and cuda_available():
-        providers.insert(0, ("CUDAExecutionProvider", {"prefer_nhwc": "1", "cudnn_conv_algo_search": "EXHAUSTIVE"}))
-    return ort.InferenceSession(str(path), options, providers=providers)
+    return onnx_session(path, device == "cuda" and cuda_available(), threads)
 
 
 def _ort_device(session: Any) -> str:

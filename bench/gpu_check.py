@@ -97,15 +97,9 @@ def rebuild(prepared: Path, work: Path, seed: int = 0) -> dict[str, Path]:
 
 
 def _session(path: Path, device: str) -> Any:
-    import onnxruntime as ort
+    from engine.runner import onnx_session
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    providers: list[Any] = ["CPUExecutionProvider"]
-    if device == "cuda":
-        providers.insert(0, ("CUDAExecutionProvider", {"prefer_nhwc": "1", "cudnn_conv_algo_search": "EXHAUSTIVE",
-                                                       "cudnn_conv_use_max_workspace": "1"}))
-    return ort.InferenceSession(str(path), options, providers=providers)
+    return onnx_session(path, device == "cuda")
 
 
 def _caller(session: Any, images: np.ndarray, outputs: list[str], bound: bool, device: str) -> Callable[[], None]:

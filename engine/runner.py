@@ -80,6 +80,34 @@ def _onnx_files(artifact: Artifact) -> dict[str, str]:
     return files
 
 
+def onnx_session(path: str | Path, cuda: bool, threads: int = 0, cuda_graph: bool = False,
+                 trt_cache: str | None = None) -> Any:
+    """An ONNX Runtime session set up for throughput; the one setup the engine, the bench and the GPU check share,
+    so a Grad-CAM graph and its forward-only counterpart are always compared on equal terms.
+
+    CUDA: NHWC kernels (the graph's layout, no transposes), the exhaustive cuDNN algorithm search and its full
+    workspace, copies on their own stream; trt_cache adds TensorRT in fp16 in front, with its engines cached there.
+    """
+    import onnxruntime as ort
+
+    session_options = ort.SessionOptions()
+    session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        session_options.intra_op_num_threads = threads
+    providers: list[Any] = ["CPUExecutionProvider"]
+    if cuda:
+        cuda_options = {"prefer_nhwc": "1", "cudnn_conv_algo_search": "EXHAUSTIVE",
+                        "cudnn_conv_use_max_workspace": "1", "do_copy_in_default_stream": "0"}
+        if cuda_graph:
+            cuda_options["enable_cuda_graph"] = "1"
+        providers.insert(0, ("CUDAExecutionProvider", cuda_options))
+        if trt_cache:
+            Path(trt_cache).mkdir(parents=True, exist_ok=True)
+            providers.insert(0, ("TensorrtExecutionProvider", {
+                "trt_fp16_enable": "True", "trt_engine_cache_enable": "True", "trt_engine_cache_path": trt_cache}))
+    return ort.InferenceSession(str(path), session_options, providers=providers)
+
+
 class OnnxBackend:
     """ONNX Runtime over model.onnx or model_fp16.onnx; CUDA (optionally TensorRT) when present, else CPU."""
 
@@ -96,23 +124,10 @@ class OnnxBackend:
         path = artifact.path(files[self.precision])
         load_artifact(artifact.root, verify=[files[self.precision]])  # checksum of the file actually loaded
 
-        session_options = ort.SessionOptions()
-        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if options.threads:
-            session_options.intra_op_num_threads = options.threads
-        providers: list[Any] = ["CPUExecutionProvider"]
-        if want_cuda:
-            cuda = {"prefer_nhwc": "1", "cudnn_conv_algo_search": "EXHAUSTIVE",
-                    "cudnn_conv_use_max_workspace": "1", "do_copy_in_default_stream": "0"}
-            if options.cuda_graph:
-                cuda["enable_cuda_graph"] = "1"
-            providers.insert(0, ("CUDAExecutionProvider", cuda))
-            if options.trt:
-                cache = options.trt_cache or str(Path.home() / ".cache" / "gradcam-engine" / "trt")
-                Path(cache).mkdir(parents=True, exist_ok=True)
-                providers.insert(0, ("TensorrtExecutionProvider", {
-                    "trt_fp16_enable": "True", "trt_engine_cache_enable": "True", "trt_engine_cache_path": cache}))
-        self.session = ort.InferenceSession(str(path), session_options, providers=providers)
+        trt_cache = None
+        if want_cuda and options.trt:
+            trt_cache = options.trt_cache or str(Path.home() / ".cache" / "gradcam-engine" / "trt")
+        self.session = onnx_session(path, want_cuda, options.threads, options.cuda_graph, trt_cache)
         active = self.session.get_providers()
         self.device = "cuda" if "CUDAExecutionProvider" in active else "cpu"
         if options.device == "cuda" and self.device != "cuda":
