@@ -55,8 +55,9 @@ def run_demo(out: Path, images: int = 400, seed: int = 2026, overlays: int = 16,
 
     table = ds.dataset(out / "run" / "results", format="parquet").to_table().to_pylist()
     rows = [r for r in table if r["status"] == "ok" and str(Path(r["path"]).resolve()) in truth]
-    labels = np.array([truth[str(Path(r["path"]).resolve())][0] for r in rows])
-    boxes = np.array([truth[str(Path(r["path"]).resolve())][1] for r in rows])
+    known = [truth[str(Path(r["path"]).resolve())] for r in rows]
+    labels = np.array([label for label, _ in known])
+    boxes = np.array([box for _, box in known])
     cams = np.stack([np.asarray(r["cam"], np.float32).reshape(r["cam_height"], r["cam_width"]) for r in rows])
     sizes = np.array([(r["width"], r["height"]) for r in rows])
     predicted = np.array([r["predicted_class"] for r in rows])
