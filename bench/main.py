@@ -13,17 +13,17 @@ from typing import Any, Callable
 
 import numpy as np
 
-from engine import contract as C
-from bench import contenders as K
-from bench.agreement import compare, mixed_targets
-from bench.errors import BenchError
-from bench.images import jpeg_set, path_list, scene_images
-from bench.machine import machine_info, rss_mb
-from bench.models import FORWARD_ONNX, SEED_RESNET50, BenchModel, default_work_dir, prepare_model
-from bench.timing import Timing, Unit, batched_run, round_robin, summarize
+from gradcam_engine.engine import contract as C
+from gradcam_engine.bench import contenders as K
+from gradcam_engine.bench.measure.agreement import compare, mixed_targets
+from gradcam_engine.bench.errors import BenchError
+from gradcam_engine.bench.measure.images import jpeg_set, path_list, scene_images
+from gradcam_engine.bench.measure.machine import machine_info, rss_mb
+from gradcam_engine.bench.contenders.models import FORWARD_ONNX, SEED_RESNET50, BenchModel, default_work_dir, prepare_model
+from gradcam_engine.bench.measure.timing import Timing, Unit, batched_run, round_robin, summarize
 
 Log = Callable[[str], None]
-BACKENDS = ("reference", "onnx", "tf", "tf-xla", "e2e")
+CONTENDER_GROUPS = ("reference", "onnx", "tf", "tf-xla", "e2e")  # what --backends may name
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class BenchConfig:
     """What one benchmark run measures; `gradcam bench` fills it from a preset (quick or full) and its flags."""
 
     model: str = SEED_RESNET50
-    backends: tuple[str, ...] = BACKENDS
+    backends: tuple[str, ...] = CONTENDER_GROUPS
     batch_sizes: tuple[int, ...] = (1, 8, 32)
     images: int = 32               # images per timed repetition of a batched contender
     reference_images: int = 8      # the reference is ~10-20x slower: it is timed (and checked) on the first few
@@ -51,9 +51,9 @@ class BenchConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.backends) - set(BACKENDS))
+        unknown = sorted(set(self.backends) - set(CONTENDER_GROUPS))
         if unknown:
-            raise BenchError(f"--backends: unknown {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
+            raise BenchError(f"--backends: unknown {', '.join(unknown)}; choose from {', '.join(CONTENDER_GROUPS)}")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise BenchError("--batch-sizes: give one or more positive integers")
         if self.reps < 1 or self.images < 1 or self.reference_images < 1:
@@ -89,7 +89,7 @@ def _build(spec: K.Spec, built: Built, shared: dict[str, Any], log: Log) -> None
 
 
 def _devices(config: BenchConfig) -> list[str]:
-    from engine.runner import cuda_available
+    from gradcam_engine.engine.session import cuda_available
 
     if config.hardware:
         return ["cpu", "cuda"] if cuda_available() else ["cpu"]
@@ -122,7 +122,7 @@ def build_contenders(config: BenchConfig, model: BenchModel, artifact: Any, log:
                                                            for s in specs):
         import keras
 
-        from bench.forward import export_forward_onnx
+        from gradcam_engine.bench.contenders.forward import export_forward_onnx
         start = time.perf_counter()
         export_forward_onnx(keras.models.load_model(model.keras_path, compile=False), model.preprocessing,
                             artifact.input_size, forward_onnx)
@@ -179,35 +179,36 @@ def check_contenders(built: Built, images: np.ndarray, num_classes: int, log: Lo
 def _end_to_end(config: BenchConfig, artifact: Any, work: Path, device: str, log: Log
                 ) -> tuple[list[Unit], dict[str, Any], list[Path]]:
     """The end-to-end and model-only units on the same JPEG files, with their agreement check."""
-    from bench.e2e import decode_like_engine, end_to_end_unit, model_only_unit, parquet_cams, run_config
-    from engine.run import run_gradcam
-    from engine.runner import GradCAMRunner, RunnerOptions
+    from gradcam_engine.bench.measure.e2e import (decode_like_engine, end_to_end_unit, model_only_unit,
+                                                  parquet_cams, run_config)
+    from gradcam_engine.engine.local_run import run_gradcam
+    from gradcam_engine.engine.session import GradCAMSession, SessionOptions
 
     backend = "onnx" if "onnx" in config.backends or "tf" not in config.backends else "tf"
     paths = jpeg_set(work / "images", max([config.e2e_images, *config.dataset_sizes]), seed=config.seed)
     subset = paths[:config.e2e_images]
     list_file = path_list(subset, work / f"inputs-{len(subset)}.txt")
-    runner = GradCAMRunner(artifact, RunnerOptions(backend=backend, device=device, threads=config.threads))
-    runtime = f"{backend}-{runner.device}"
+    session = GradCAMSession(artifact, SessionOptions(backend=backend, device=device, threads=config.threads))
+    runtime = f"{backend}-{session.device}"
     run = run_config(artifact.root, list_file, work / "e2e-run", config.e2e_batch_size, backend, device)
-    run_gradcam(run, runner=runner)
+    run_gradcam(run, session=session)
     pixels = decode_like_engine(subset, artifact.input_size)
-    direct = runner({C.IMAGES: pixels[:config.e2e_batch_size],
+    direct = session({C.IMAGES: pixels[:config.e2e_batch_size],
                      C.CLASS_INDEX: np.full(min(len(pixels), config.e2e_batch_size), -1, np.int32)})[C.CAM]
     written = parquet_cams(work / "e2e-run")
     diff = max(float(np.abs(written[str(p)] - cam).max()) for p, cam in zip(subset, direct))
     check = {"contender": "end-to-end (JPEG -> Parquet)", "against": "model-only on the decoded images",
              "cam_max_abs_diff": diff, "rows": len(written), "ok": diff <= 1e-5 and len(written) == len(subset)}
     log(f"check: end-to-end Parquet CAMs vs model-only: max diff {diff:.1e}")
-    units = [end_to_end_unit(runner, run, len(subset), runtime),
-             model_only_unit(runner, pixels, config.e2e_batch_size, runtime)]
+    units = [end_to_end_unit(session, run, len(subset), runtime),
+             model_only_unit(session, pixels, config.e2e_batch_size, runtime)]
     return units, check, paths
 
 
 def _dataset_sweep(config: BenchConfig, artifact: Any, work: Path, paths: list[Path], device: str,
                    log: Log) -> list[dict[str, Any]]:
     """End to end at each dataset size, each in a fresh process."""
-    from bench.e2e import fresh_process_run
+    from gradcam_engine.bench.measure.e2e import fresh_process_run
 
     backend = "onnx" if "onnx" in config.backends or "tf" not in config.backends else "tf"
     rows = []
@@ -267,14 +268,14 @@ def _rows(timings: list[Timing], built: Built, memory: dict[str, dict[str, Any]]
 def contender_memory(built: Built, config: BenchConfig, input_size: tuple[int, int], log: Log
                      ) -> dict[str, dict[str, Any]]:
     """Peak RSS of each contender alone: a fresh process imports its runtime, loads it and runs one largest batch."""
-    from bench.fresh import run_worker
+    from gradcam_engine.bench.measure.fresh import run_worker
 
     out = {}
     for c in built.contenders:
         batch = 1 if c.per_image else max(config.batch_sizes)
         start = time.perf_counter()
         try:
-            out[c.name] = run_worker("bench.memory_worker", [
+            out[c.name] = run_worker("gradcam_engine.bench.measure.memory_worker", [
                 json.dumps(asdict(built.specs[c.name])), json.dumps(asdict(built.sources)), "--batch-size",
                 str(batch), "--size", str(input_size[0]), str(input_size[1])])
         except BenchError as e:
@@ -287,12 +288,12 @@ def contender_memory(built: Built, config: BenchConfig, input_size: tuple[int, i
 
 def run_bench(config: BenchConfig, log: Log = lambda _: None) -> dict[str, Any]:
     """Everything the bench measures, as one JSON-ready dict (also written to config.json_path / plot_path)."""
-    from engine.artifact import load_artifact
+    from gradcam_engine.engine.artifact import load_artifact
 
-    from bench.report import targets
-    from engine.cli import quiet_tensorflow
+    from gradcam_engine.bench.report.markdown import targets
+    from gradcam_engine.engine.tf_import import import_tensorflow
 
-    quiet_tensorflow()  # the bench imports TensorFlow; its start-up lines would bury the log
+    import_tensorflow("gradcam bench")  # quietly: TensorFlow's start-up lines would bury the log
     wall = time.perf_counter()
     machine = machine_info()
     work = Path(config.work_dir) if config.work_dir else default_work_dir()
@@ -342,7 +343,7 @@ def run_bench(config: BenchConfig, log: Log = lambda _: None) -> dict[str, Any]:
     if config.json_path:
         Path(config.json_path).write_text(json.dumps(report, indent=2, default=str) + "\n")
     if config.plot_path:
-        from bench.chart import draw_chart
+        from gradcam_engine.bench.report.chart import draw_chart
         draw_chart(report, Path(config.plot_path))
     return report
 

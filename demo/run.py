@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.dataset as ds
 
-from demo.scenes import CLASS_NAMES, pointing_hits, read_scene_files, write_scene_files
+from gradcam_engine.demo.scenes import CLASS_NAMES, pointing_hits, read_scene_files, write_scene_files
 
 MODEL = Path(__file__).with_name("model.keras")
 
@@ -37,8 +37,10 @@ class DemoReport:
 def run_demo(out: Path, images: int = 400, seed: int = 2026, overlays: int = 16, batch_size: int = 32,
              backend: str = "onnx") -> DemoReport:
     """Generate scenes (once), export the shipped model, run the engine with overlays, score the heatmaps."""
-    from engine.run import RunConfig, run_gradcam
-    from export import ExportOptions, export_artifact
+    from gradcam_engine.engine.local_run import run_gradcam
+    from gradcam_engine.engine.run_config import RunConfig
+    from gradcam_engine.engine.session import SessionOptions
+    from gradcam_engine.export import ExportOptions, export_artifact
 
     start = time.perf_counter()
     out = Path(out)
@@ -51,7 +53,8 @@ def run_demo(out: Path, images: int = 400, seed: int = 2026, overlays: int = 16,
     manifest = export_artifact(MODEL, artifact, ExportOptions(class_names=CLASS_NAMES, overwrite=True))
     print(f"exported {MODEL.name}: target layer {manifest['target_layer']}, score {manifest['score']}")
     summary = run_gradcam(RunConfig(artifact=str(artifact), inputs=[str(scene_dir.resolve())], out=str(out / "run"),
-                                    overlays=str(overlays), batch_size=batch_size, backend=backend, overwrite=True))
+                                    overlays=str(overlays), batch_size=batch_size,
+                                    session=SessionOptions(backend=backend), overwrite=True))
 
     table = ds.dataset(out / "run" / "results", format="parquet").to_table().to_pylist()
     rows = [r for r in table if r["status"] == "ok" and str(Path(r["path"]).resolve()) in truth]

@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from demo.scenes import CLASS_NAMES, JPEG_QUALITY, make_scenes
+from gradcam_engine.demo.scenes import CLASS_NAMES, JPEG_QUALITY, make_scenes
 
 LAST_CONV = "last_conv"
 LAST_CONV_RELU = f"{LAST_CONV}_relu"

@@ -10,12 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine import contract as C
+from gradcam_engine.engine import contract as C
+from gradcam_engine.engine.errors import ArtifactError
 
-
-class ArtifactError(Exception):
-    """An artifact that is missing, incomplete or altered since export."""
-
+__all__ = ["Artifact", "ArtifactError", "file_table", "load_artifact", "sha256_file"]
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in chunks so large models do not load into memory."""

@@ -5,8 +5,6 @@ rename happens in one place and users of the ONNX file or the SavedModel signatu
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 IMAGES = "images"            # uint8 [N, H, W, 3], RGB, already resized to the model's input size
 CLASS_INDEX = "class_index"  # int32 [N]; -1 selects the model's own top-1 class
 
@@ -34,12 +32,3 @@ SAVED_MODEL_DIR = "saved_model"
 SAVED_MODEL_FP16_DIR = "saved_model_fp16"
 SIGNATURE = "serving_default"
 MANIFEST_VERSION = 1
-
-
-@dataclass(frozen=True)
-class OutputSpec:
-    """Shape and dtype of one graph output, symbolic dims as strings, written into the manifest."""
-
-    name: str
-    dtype: str
-    shape: tuple[str | int, ...]

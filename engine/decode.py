@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
+from gradcam_engine.engine.errors import one_line
+
 DECODE_FILTER = "bilinear"
 DEFAULT_MAX_PIXELS = 89_478_485
 
@@ -70,9 +72,9 @@ def _open_rgb(data: bytes, max_pixels: int, draft: tuple[int, int] | None) -> tu
     except UnidentifiedImageError:
         raise DecodeError("not a recognised image format") from None
     except Image.DecompressionBombError as exc:
-        raise DecodeError(f"{_one_line(exc)} (decompression bomb guard)") from None
+        raise DecodeError(f"{one_line(exc)} (decompression bomb guard)") from None
     except Exception as exc:  # PIL's parsers raise many types on malformed headers
-        raise DecodeError(f"truncated or corrupt image data ({_one_line(exc)})") from None
+        raise DecodeError(f"truncated or corrupt image data ({one_line(exc)})") from None
 
     with image:
         stored_width, stored_height = image.size
@@ -99,7 +101,7 @@ def _open_rgb(data: bytes, max_pixels: int, draft: tuple[int, int] | None) -> tu
         except DecodeError:
             raise
         except Exception as exc:  # PIL's decoders raise OSError, SyntaxError, ValueError and others on bad data
-            raise DecodeError(f"truncated or corrupt image data ({_one_line(exc)})") from None
+            raise DecodeError(f"truncated or corrupt image data ({one_line(exc)})") from None
     return rgb, width, height
 
 
@@ -130,7 +132,3 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         return image.convert("RGB")
     except ValueError:
         raise DecodeError(f"unsupported colour mode {image.mode}") from None
-
-
-def _one_line(value: object) -> str:
-    return " ".join(str(value).split())

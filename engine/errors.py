@@ -1,31 +1,30 @@
-"""The exceptions that mean "the user can fix this": the CLI prints them as one line, without a traceback."""
+"""The errors a user can fix. Every one subclasses UserError, the one class the command line catches and prints as a
+single line (exit code 2); anything else is a bug and keeps its traceback.
+
+The layers above the core (the command line, the demo, the bench) add their own subclasses; the core never imports
+them.
+"""
 from __future__ import annotations
 
-from engine.artifact import ArtifactError
+
+class UserError(Exception):
+    """A problem the user can fix: the message names the file or option, what is wrong, and the way out."""
 
 
-class RunError(Exception):
-    """A run that cannot start: missing input, incompatible run directory, bad option."""
+class ArtifactError(UserError):
+    """An artifact that is missing, incomplete, inconsistent or altered since export."""
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [ArtifactError, RunError]
-    try:
-        from engine.inputs import InputError
-        errors.append(InputError)
-    except ImportError:
-        pass
-    try:  # export's error class lives with TensorFlow code but imports none itself
-        from export.errors import ExportError
-        errors.append(ExportError)
-    except ImportError:
-        pass
-    try:
-        from bench.errors import BenchError
-        errors.append(BenchError)
-    except ImportError:
-        pass
-    return tuple(errors)
+class RunError(UserError):
+    """A run that cannot start or go on: incompatible run directory, bad option, unwritable output."""
 
 
-USER_ERRORS = _user_errors()
+class InputError(UserError):
+    """An input spec that names nothing usable; the run cannot start."""
+
+
+def one_line(value: object, limit: int | None = None) -> str:
+    """Any message or exception as one line (whitespace runs collapsed), cut at `limit` characters: library errors
+    span lines and tracebacks, a user-facing error must not."""
+    text = " ".join(str(value).split()) or (type(value).__name__ if isinstance(value, BaseException) else "")
+    return text if limit is None or len(text) <= limit else text[:limit - 1] + "…"

@@ -5,9 +5,16 @@ that size), colouring is one table lookup, blending one expression; no loop touc
 """
 from __future__ import annotations
 
+import os
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
+
+from gradcam_engine.engine import contract as C
+from gradcam_engine.engine.pipeline import LoadedBatch
+
+OVERLAY_DIR = "overlays"
 
 HEAT_WEIGHT, IMAGE_WEIGHT = 0.6, 0.4
 
@@ -71,3 +78,22 @@ def overlays(images: list[np.ndarray], cams: np.ndarray) -> list[np.ndarray]:
         for i, overlay in zip(idx, blend(np.stack([images[i] for i in idx]), heat)):
             out[i] = overlay
     return out  # type: ignore[return-value]
+
+
+def write_overlays(folder: Path, batch: LoadedBatch, outputs: dict[str, np.ndarray] | None,
+                   order: dict[str, int]) -> None:
+    """One JPEG per input of the batch that kept its full-size image, named by its place in the listing so the
+    files sort like the inputs; each appears atomically."""
+    from PIL import Image
+
+    chosen = [(i, x) for i, x in enumerate(batch.good) if x.image.original is not None]
+    if not chosen or outputs is None:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    cams = outputs[C.CAM][[i for i, _ in chosen]]
+    for (_, x), overlay in zip(chosen, overlays([x.image.original for _, x in chosen], cams)):
+        stem = Path(x.key.split("::")[-1]).stem[:80]
+        target = folder / f"{order[x.key]:09d}_{stem}.jpg"
+        tmp = target.with_name(f".{target.name}.tmp")
+        Image.fromarray(overlay).save(tmp, format="JPEG", quality=90)
+        os.replace(tmp, target)

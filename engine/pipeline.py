@@ -13,10 +13,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, TypeVar
 
-import numpy as np
-
-from engine.decode import DecodedImage, DecodeError, decode_image
-from engine.inputs import InputItem, ReadError, read_bytes
+from gradcam_engine.engine.decode import DecodedImage, DecodeError, decode_image
+from gradcam_engine.engine.inputs import InputItem, ReadError, read_bytes
 
 T = TypeVar("T")
 
@@ -58,16 +56,18 @@ def ordered_map(fn: Callable[[InputItem], Loaded], items: Iterable[InputItem], w
 
 
 @dataclass
-class Batch:
+class LoadedBatch:
     """Up to batch_size loaded inputs in input order; errors travel with them so order is kept."""
 
     loaded: list[Loaded]
 
-    def images(self) -> np.ndarray:
-        return np.stack([x.image.pixels for x in self.loaded if x.image is not None])
+    @property
+    def good(self) -> list[Loaded]:
+        """The inputs that decoded, in order: the rows the model computes."""
+        return [x for x in self.loaded if x.image is not None]
 
 
-def batches(loaded: Iterable[Loaded], batch_size: int) -> Iterator[Batch]:
+def batches(loaded: Iterable[Loaded], batch_size: int) -> Iterator[LoadedBatch]:
     """Group inputs so that each batch holds batch_size decoded images (plus the errors met on the way)."""
     current: list[Loaded] = []
     good = 0
@@ -75,10 +75,10 @@ def batches(loaded: Iterable[Loaded], batch_size: int) -> Iterator[Batch]:
         current.append(x)
         good += x.image is not None
         if good >= batch_size:
-            yield Batch(current)
+            yield LoadedBatch(current)
             current, good = [], 0
     if current:
-        yield Batch(current)
+        yield LoadedBatch(current)
 
 
 def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:

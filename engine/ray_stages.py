@@ -1,10 +1,11 @@
 """The per-batch stages of a Ray run: decode, infer, write. Plain functions and one class, no Ray import.
 
-Each stage reuses the local engine's own step (engine.pipeline.load, engine.runner.GradCAMRunner, engine.run's row
-builder and overlay writer, engine.results.write_shard), so a row written here is the row the local runner writes.
+Each stage reuses the local engine's own step (engine.pipeline.load, engine.session.GradCAMSession, the row builder
+and shard writer of engine.results, engine.overlay's writer), so a row written here is the row the local runner
+writes.
 Ray Data calls them in its tasks and actors; they can equally be called on plain dicts, which is how they are tested.
 
-Columns between the stages: `path` (the input's key, as in the results), `_kind` (file or tar) and `_index` (its
+Columns between the stages: `path` (the input's key, as in the results), `_kind` (image or tar member) and `_index` (its
 position in the listing: names shards and overlays); after decoding also `images`, `ok`, `error`, `width`, `height`.
 """
 from __future__ import annotations
@@ -16,13 +17,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from engine import contract as C
-from engine.decode import DecodedImage
-from engine.inputs import FILE, TAR, InputItem
-from engine.pipeline import Batch, Loaded, load
-from engine.results import SCHEMA, to_table, write_shard
-from engine.run import batch_rows, write_overlays
-from engine.runner import GradCAMRunner, RunnerOptions
+from gradcam_engine.engine import contract as C
+from gradcam_engine.engine.decode import DecodedImage
+from gradcam_engine.engine.inputs import InputItem
+from gradcam_engine.engine.overlay import write_overlays
+from gradcam_engine.engine.pipeline import Loaded, LoadedBatch, load
+from gradcam_engine.engine.results import SCHEMA, batch_rows, to_table, write_shard
+from gradcam_engine.engine.session import GradCAMSession, SessionOptions
+from gradcam_engine.engine.storage import is_uri
 
 KIND = "_kind"
 INDEX = "_index"
@@ -46,8 +48,7 @@ class DecodeSpec:
 
 def load_key(key: str, kind: str, spec: DecodeSpec, keep_original: bool) -> Loaded:
     """engine.pipeline.load for one key, read relative to the driver's directory but reported under the key itself."""
-    local = kind in (FILE, TAR)  # a URI names its store itself
-    readable = key if not local or os.path.isabs(key) else os.path.join(spec.base, key)
+    readable = key if is_uri(key) or os.path.isabs(key) else os.path.join(spec.base, key)  # a URI names its store
     loaded = load(InputItem(readable, kind), spec.size, spec.max_bytes, spec.max_pixels, keep_original)
     return dataclasses.replace(loaded, key=key)
 
@@ -86,9 +87,9 @@ def with_position(table: pa.Table, batch: Columns) -> pa.Table:
 class GradCAMActor:
     """One model replica: the artifact is loaded once per actor, then each decoded batch becomes result rows."""
 
-    def __init__(self, artifact: str, options: RunnerOptions, class_index: int):
-        self.runner = GradCAMRunner(artifact, options)
-        self.labels = self.runner.artifact.class_names
+    def __init__(self, artifact: str, options: SessionOptions, class_index: int):
+        self.session = GradCAMSession(artifact, options)
+        self.labels = self.session.artifact.class_names
         self.class_index = class_index
 
     def __call__(self, batch: Columns) -> pa.Table:
@@ -96,15 +97,15 @@ class GradCAMActor:
         outputs = None
         if ok.any():
             images = np.ascontiguousarray(batch[C.IMAGES][ok])
-            outputs = self.runner({C.IMAGES: images,
-                                   C.CLASS_INDEX: np.full(len(images), self.class_index, np.int32)})
-        return with_position(to_table(batch_rows(Batch(as_loaded(batch)), outputs, self.labels)), batch)
+            outputs = self.session({C.IMAGES: images,
+                                    C.CLASS_INDEX: np.full(len(images), self.class_index, np.int32)})
+        return with_position(to_table(batch_rows(LoadedBatch(as_loaded(batch)), outputs, self.labels)), batch)
 
 
-def probe_replica(artifact: str, options: RunnerOptions) -> tuple[str, str]:
+def probe_replica(artifact: str, options: SessionOptions) -> tuple[str, str]:
     """Build one replica where replicas run and report (device, precision): the fingerprint needs them up front."""
-    runner = GradCAMRunner(artifact, options)
-    return runner.device, runner.precision
+    session = GradCAMSession(artifact, options)
+    return session.device, session.precision
 
 
 def write_batch(table: pa.Table, results_dir: str, overlay_dir: str, overlay_limit: int,
@@ -132,5 +133,5 @@ def write_table_overlays(table: pa.Table, folder: Path, spec: DecodeSpec) -> Non
     loaded = [load_key(key, kind, spec, keep_original=True) for key, kind in zip(keys, kinds)]
     kept = [i for i, x in enumerate(loaded) if x.image is not None]  # an input changed since decoding gets none
     order = dict(zip(keys, ok.column(INDEX).to_pylist()))
-    write_overlays(folder, Batch([loaded[i] for i in kept]), {C.CAM: cams[kept]}, order)
+    write_overlays(folder, LoadedBatch([loaded[i] for i in kept]), {C.CAM: cams[kept]}, order)
 

@@ -14,6 +14,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gradcam_engine.engine import contract as C
+from gradcam_engine.engine.pipeline import LoadedBatch
+
 RESULTS_DIR = "results"
 
 SCHEMA = pa.schema([
@@ -41,9 +44,9 @@ DICTIONARY_COLUMNS = ["status", "error", "width", "height", "predicted_class", "
 def ok_rows(paths: list[str], sizes: list[tuple[int, int]], outputs: dict[str, np.ndarray],
             labels: list[str]) -> dict[str, list[Any]]:
     """Columns for a batch of successful images, from the engine's outputs."""
-    predictions = outputs["predictions"]
+    predictions = outputs[C.PREDICTIONS]
     top = predictions.argmax(axis=1)
-    cams = outputs["cam"]
+    cams = outputs[C.CAM]
     n, h, w = cams.shape
     return {
         "path": paths, "status": ["ok"] * n, "error": [None] * n,
@@ -51,8 +54,8 @@ def ok_rows(paths: list[str], sizes: list[tuple[int, int]], outputs: dict[str, n
         "predicted_class": top.astype(np.int32).tolist(),
         "predicted_label": [labels[i] if 0 <= i < len(labels) else str(i) for i in top.tolist()],
         "predicted_score": predictions[np.arange(n), top].astype(np.float32).tolist(),
-        "target_class": outputs["target_class"].astype(np.int32).tolist(),
-        "target_score": outputs["target_score"].astype(np.float32).tolist(),
+        "target_class": outputs[C.TARGET_CLASS].astype(np.int32).tolist(),
+        "target_score": outputs[C.TARGET_SCORE].astype(np.float32).tolist(),
         "cam": list(cams.reshape(n, h * w).astype(np.float32)),
         "cam_height": [h] * n, "cam_width": [w] * n,
     }
@@ -63,6 +66,22 @@ def error_row(path: str, message: str) -> dict[str, list[Any]]:
     row: dict[str, list[Any]] = {name: [None] for name in SCHEMA.names}
     row.update(path=[path], status=["error"], error=[message])
     return row
+
+
+def batch_rows(batch: LoadedBatch, outputs: dict[str, np.ndarray] | None, labels: list[str]) -> dict[str, list[Any]]:
+    """Rows in input order: ok rows from the outputs, error rows where reading or decoding failed."""
+    good = batch.good
+    ok_columns = ok_rows([x.key for x in good], [(x.image.width, x.image.height) for x in good], outputs,
+                         labels) if good and outputs is not None else None
+    parts: list[dict[str, list[Any]]] = []
+    position = 0
+    for x in batch.loaded:
+        if x.image is None:
+            parts.append(error_row(x.key, f"{x.key}: {x.error}"))
+        else:
+            parts.append({k: v[position:position + 1] for k, v in ok_columns.items()})  # type: ignore[union-attr]
+            position += 1
+    return concat(parts)
 
 
 def to_table(columns: dict[str, list[Any]]) -> pa.Table:

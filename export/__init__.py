@@ -1,5 +1,5 @@
 """Export a Keras classifier as one fused Grad-CAM graph (SavedModel + ONNX + manifest)."""
-from export.api import ExportOptions, export_artifact, read_class_names
-from export.errors import ExportError
+from gradcam_engine.export.api import EXPORT_PRECISIONS, ExportOptions, export_artifact, read_class_names
+from gradcam_engine.export.errors import ExportError
 
-__all__ = ["ExportError", "ExportOptions", "export_artifact", "read_class_names"]
+__all__ = ["EXPORT_PRECISIONS", "ExportError", "ExportOptions", "export_artifact", "read_class_names"]

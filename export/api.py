@@ -11,25 +11,52 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from engine import contract as C
-from engine.artifact import file_table
-from export.errors import ExportError
+from gradcam_engine.engine import contract as C
+from gradcam_engine.engine.artifact import file_table
+from gradcam_engine.engine.errors import one_line
+from gradcam_engine.export.errors import ExportError
 
 ModelLike = Any  # a path to a .keras file, a keras.Model, or a (backbone, head) pair of callables
+EXPORT_PRECISIONS = ("fp32", "fp16", "both")
+DEFAULT_OPSET = 17
 
 
 @dataclass(frozen=True)
 class ExportOptions:
-    """What `gradcam export` accepts; the CLI builds one of these."""
+    """What `gradcam export` accepts; the command line builds one of these."""
 
     layer: str = "auto"
     preprocessing: str = "none"
     class_names: Sequence[str] | None = None
-    opset: int = 17
+    opset: int = DEFAULT_OPSET
     input_size: tuple[int, int] | None = None  # needed for a backbone/head pair; read from a Keras model otherwise
-    precision: str = "fp32"                    # fp32 | fp16 | both
+    precision: str = "fp32"                    # one of EXPORT_PRECISIONS
     overwrite: bool = False
     verify_batch_sizes: tuple[int, ...] = field(default=(1, 3))
+
+
+@dataclass
+class ModelParts:
+    """A model cut where Grad-CAM looks: what the fused graph is built from."""
+
+    backbone: Any                 # images -> feature maps (or a dict of levels, read at feature_key)
+    head: Any                     # export.head.KerasHead or CallableHead
+    layer_path: str               # the target layer, as the manifest names it
+    feature_key: str | None       # the level of a backbone that returns a dict
+    input_size: tuple[int, int]   # (height, width)
+    name: str                     # the model's name, for the manifest
+    tracked: list[Any]            # objects the SavedModel must track (their weights)
+    keras_model: Any = None       # the whole Keras model when given as one (its mixed-precision twin is the fp16
+                                  # SavedModel); None for a backbone/head pair
+
+
+@dataclass
+class GraphFacts:
+    """What tracing the fused function tells about the graph, for the manifest."""
+
+    specs: dict[str, tuple[str, tuple]]  # output name -> (dtype, shape with None for symbolic dims)
+    num_classes: int
+    class_names: list[str] | None
 
 
 def read_class_names(path: str | Path) -> list[str]:
@@ -60,15 +87,15 @@ def _load_keras(path: Path) -> Any:
         return keras.models.load_model(path, compile=False)
     except Exception as e:  # Keras raises many types for a bad file
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ExportError(f"{path}: not a loadable Keras model ({first[:200]})") from None
+        raise ExportError(f"{path}: not a loadable Keras model ({one_line(first, 200)})") from None
 
 
-def _parts(model: ModelLike, options: ExportOptions) -> tuple[Any, Any, str, str | None, tuple[int, int], str, list]:
-    """(backbone, head, layer path, feature key, input size, model name, objects to track)."""
+def model_parts(model: ModelLike, options: ExportOptions) -> ModelParts:
+    """Cut a model (a .keras path, a Keras model or a (backbone, head) pair) at its target layer."""
     import keras
 
-    from export.head import CallableHead, KerasHead
-    from export.locate import layer_chain, split_model
+    from gradcam_engine.export.head import CallableHead, KerasHead
+    from gradcam_engine.export.locate import layer_chain, split_model
 
     if isinstance(model, (str, os.PathLike)):
         model = _load_keras(Path(model))
@@ -90,8 +117,8 @@ def _parts(model: ModelLike, options: ExportOptions) -> tuple[Any, Any, str, str
             raise ExportError(f"head must be Keras layers, a Keras model or a callable, got {type(head).__name__}")
         key = None if options.layer == "auto" else options.layer
         tracked = [backbone, head] if not isinstance(head, (list, tuple)) else [backbone, *head]
-        return backbone, head_obj, key or "backbone output", key, options.input_size, \
-            getattr(backbone, "name", "backbone"), tracked
+        return ModelParts(backbone, head_obj, key or "backbone output", key, options.input_size,
+                          getattr(backbone, "name", "backbone"), tracked)
     split = split_model(model, options.layer)
     shape = tuple(model.inputs[0].shape)
     if len(shape) != 4 or shape[-1] != 3:
@@ -99,8 +126,8 @@ def _parts(model: ModelLike, options: ExportOptions) -> tuple[Any, Any, str, str
     size = options.input_size or (shape[1], shape[2])
     if size[0] is None or size[1] is None:
         raise ExportError("the model's input size is not fixed; pass input_size=(height, width) / --input-size HxW")
-    return split.backbone, KerasHead(split.head), split.layer_path, None, (int(size[0]), int(size[1])), \
-        model.name, [model]
+    return ModelParts(split.backbone, KerasHead(split.head), split.layer_path, None, (int(size[0]), int(size[1])),
+                      model.name, [model], keras_model=model)
 
 
 def _check_writable(out: Path, overwrite: bool) -> None:
@@ -114,21 +141,27 @@ def _check_writable(out: Path, overwrite: bool) -> None:
         raise ExportError(f"{blocker}: output directory is not writable")
 
 
-def export_artifact(model: ModelLike, out: str | Path, options: ExportOptions = ExportOptions()) -> dict[str, Any]:
-    """Export one fused Grad-CAM graph as SavedModel + ONNX + manifest; returns the manifest."""
-    import tensorflow as tf
-
-    from export.graph import FusedGradCAM
-    from export.to_onnx import convert
-
+def _check_options(options: ExportOptions) -> None:
     if options.preprocessing not in C.PREPROCESSING:
         raise ExportError(f"unknown preprocessing {options.preprocessing!r}; choose {', '.join(C.PREPROCESSING)}")
-    if options.precision not in ("fp32", "fp16", "both"):
-        raise ExportError(f"unknown precision {options.precision!r}; choose fp32, fp16 or both")
+    if options.precision not in EXPORT_PRECISIONS:
+        raise ExportError(f"unknown precision {options.precision!r}; choose {', '.join(EXPORT_PRECISIONS)}")
+
+
+def export_artifact(model: ModelLike, out: str | Path, options: ExportOptions = ExportOptions()) -> dict[str, Any]:
+    """Export one fused Grad-CAM graph as SavedModel + ONNX + manifest; returns the manifest."""
+    from gradcam_engine.engine.tf_import import import_tensorflow
+
+    tf = import_tensorflow("export")
+    from gradcam_engine.export.graph import FusedGradCAM
+    from gradcam_engine.export.to_onnx import convert
+
+    _check_options(options)
     out = Path(out)
     _check_writable(out, options.overwrite)
-    backbone, head, layer_path, key, size, name, tracked = _parts(model, options)
-    module = FusedGradCAM(backbone, head, size, options.preprocessing, feature_key=key, tracked=tracked)
+    parts = model_parts(model, options)
+    module = FusedGradCAM(parts.backbone, parts.head, parts.input_size, options.preprocessing,
+                          feature_key=parts.feature_key, tracked=parts.tracked)
     try:
         concrete = module.gradcam.get_concrete_function()
     except ExportError:
@@ -136,13 +169,14 @@ def export_artifact(model: ModelLike, out: str | Path, options: ExportOptions = 
     except Exception as e:
         # AutoGraph wraps errors raised while tracing as "in user code: <stack>"; report the original one.
         cause = getattr(getattr(e, "ag_error_metadata", None), "cause_message", None) or str(e) or type(e).__name__
-        raise ExportError(f"building the Grad-CAM graph failed: {cause.strip().splitlines()[0][:300]}") from None
+        raise ExportError(f"building the Grad-CAM graph failed: {one_line(cause.strip().splitlines()[0], 300)}") \
+            from None
     specs = {k: (v.dtype.name, tuple(v.shape)) for k, v in concrete.structured_outputs.items()}
-    fm_shape = specs[C.FEATURE_MAPS][1]
     num_classes = int(specs[C.PREDICTIONS][1][-1])
     class_names = list(options.class_names) if options.class_names else None
     if class_names is not None and len(class_names) != num_classes:
         raise ExportError(f"{len(class_names)} class names given but the model has {num_classes} classes")
+    facts = GraphFacts(specs, num_classes, class_names)
 
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
@@ -151,28 +185,28 @@ def export_artifact(model: ModelLike, out: str | Path, options: ExportOptions = 
         raise ExportError(f"{out.parent}: cannot create the output directory ({e.strerror})") from None
     try:
         meta = {"gradcam.class_names": json.dumps(class_names), "gradcam.preprocessing": options.preprocessing,
-                "gradcam.target_layer": layer_path, "gradcam.score": head.score}
+                "gradcam.target_layer": parts.layer_path, "gradcam.score": parts.head.score}
         proto = convert(module.gradcam, options.opset, meta)
         precision: dict[str, str] = {}
         checks: dict[str, Any] = {}
         if options.precision in ("fp32", "both"):
             tf.saved_model.save(module, str(tmp / C.SAVED_MODEL_DIR), signatures={C.SIGNATURE: concrete})
-            checks[C.ONNX_FILE] = _write_onnx(tmp / C.ONNX_FILE, proto, module.gradcam, size, options, "fp32")
+            checks[C.ONNX_FILE] = _write_onnx(tmp / C.ONNX_FILE, proto, module.gradcam, parts.input_size, options,
+                                              "fp32")
             precision.update({C.SAVED_MODEL_DIR: "fp32", C.ONNX_FILE: "fp32"})
         if options.precision in ("fp16", "both"):
-            from export.fp16 import to_fp16
+            from gradcam_engine.export.fp16 import to_fp16
 
             half = to_fp16(proto)
-            checks[C.ONNX_FP16_FILE] = _write_onnx(tmp / C.ONNX_FP16_FILE, half, module.gradcam, size, options,
-                                                   "fp16")
+            checks[C.ONNX_FP16_FILE] = _write_onnx(tmp / C.ONNX_FP16_FILE, half, module.gradcam, parts.input_size,
+                                                   options, "fp16")
             precision[C.ONNX_FP16_FILE] = "fp16"
-            note = _write_fp16_saved_model(tmp / C.SAVED_MODEL_FP16_DIR, model, options, size, key, tracked)
+            note = _write_fp16_saved_model(tmp / C.SAVED_MODEL_FP16_DIR, parts, options)
             if note is None:
                 precision[C.SAVED_MODEL_FP16_DIR] = "mixed_float16"
             else:
                 checks[C.SAVED_MODEL_FP16_DIR] = note
-        manifest = _manifest(name, size, options, class_names, num_classes, layer_path, head, specs, fm_shape,
-                             precision, checks)
+        manifest = _manifest(parts, options, facts, precision, checks)
         manifest["files"] = file_table(tmp, list(precision))
         (tmp / C.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if out.exists():
@@ -189,43 +223,41 @@ def _write_onnx(path: Path, proto: Any, fn: Any, size: tuple[int, int], options:
     """Check an ONNX graph against the TensorFlow function, then write it; returns the check's figures."""
     import onnx
 
-    from export.to_onnx import verify
+    from gradcam_engine.export.to_onnx import verify
 
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as e:
-        raise ExportError(f"{precision} ONNX model failed onnx.checker: {str(e).splitlines()[0]}") from None
+        raise ExportError(f"{precision} ONNX model failed onnx.checker: {one_line(str(e).splitlines()[0])}") \
+            from None
     data = proto.SerializeToString()
     checks = verify(fn, data, size, options.verify_batch_sizes, precision=precision)
     path.write_bytes(data)
     return checks
 
 
-def _write_fp16_saved_model(path: Path, model: ModelLike, options: ExportOptions, size: tuple[int, int],
-                            key: str | None, tracked: list) -> str | None:
+def _write_fp16_saved_model(path: Path, parts: ModelParts, options: ExportOptions) -> str | None:
     """The fp16 SavedModel: the mixed-precision twin of a Keras model, XLA-compiled. None when written, else
     why not (a backbone/head pair of plain callables has no Keras config to rebuild in mixed precision)."""
     import tensorflow as tf
 
-    from export.graph import FusedGradCAM
-    from export.head import KerasHead
-    from export.locate import split_model
-    from export.mixed import mixed_precision_twin
+    from gradcam_engine.export.graph import FusedGradCAM
+    from gradcam_engine.export.head import KerasHead
+    from gradcam_engine.export.locate import split_model
+    from gradcam_engine.export.mixed import mixed_precision_twin
 
-    keras_model = tracked[0] if len(tracked) == 1 and not isinstance(model, tuple) else None
-    if keras_model is None:
+    if parts.keras_model is None:
         return "skipped: an fp16 SavedModel needs a Keras model (not a backbone/head pair); the fp16 ONNX is written"
-    twin = mixed_precision_twin(keras_model)
+    twin = mixed_precision_twin(parts.keras_model)
     split = split_model(twin, options.layer)
-    module = FusedGradCAM(split.backbone, KerasHead(split.head), size, options.preprocessing, tracked=[twin],
-                          jit_compile=True)
+    module = FusedGradCAM(split.backbone, KerasHead(split.head), parts.input_size, options.preprocessing,
+                          tracked=[twin], jit_compile=True)
     tf.saved_model.save(module, str(path), signatures={C.SIGNATURE: module.gradcam.get_concrete_function()})
     return None
 
 
-def _manifest(name: str, size: tuple[int, int], options: ExportOptions, class_names: list[str] | None,
-              num_classes: int, layer_path: str, head: Any, specs: dict[str, tuple[str, tuple]],
-              fm_shape: tuple, precision: dict[str, str], checks: dict[str, Any]) -> dict[str, Any]:
+def _manifest(parts: ModelParts, options: ExportOptions, facts: GraphFacts, precision: dict[str, str],
+              checks: dict[str, Any]) -> dict[str, Any]:
     import keras
     import onnxruntime
     import tensorflow as tf
@@ -234,23 +266,26 @@ def _manifest(name: str, size: tuple[int, int], options: ExportOptions, class_na
     def dims(shape: tuple) -> list:
         return ["N" if d is None else int(d) for d in shape]
 
+    height, width = parts.input_size
+    fm_shape = facts.specs[C.FEATURE_MAPS][1]
     return {
         "format": "gradcam-engine-artifact",
         "manifest_version": C.MANIFEST_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "model_name": name,
-        "input": {"name": C.IMAGES, "dtype": "uint8", "shape": ["N", size[0], size[1], 3], "height": size[0],
-                  "width": size[1], "channels": "RGB", "preprocessing": options.preprocessing},
+        "model_name": parts.name,
+        "input": {"name": C.IMAGES, "dtype": "uint8", "shape": ["N", height, width, 3], "height": height,
+                  "width": width, "channels": "RGB", "preprocessing": options.preprocessing},
         "class_index": {"name": C.CLASS_INDEX, "dtype": "int32", "shape": ["N"], "-1": "the model's top-1 class"},
-        "num_classes": num_classes,
-        "class_names": class_names,
-        "target_layer": layer_path,
-        "head": [f"{layer.name} ({type(layer).__name__})" for layer in getattr(head, "layers", [])],
-        "score": head.score,
+        "num_classes": facts.num_classes,
+        "class_names": facts.class_names,
+        "target_layer": parts.layer_path,
+        "head": [f"{layer.name} ({type(layer).__name__})" for layer in getattr(parts.head, "layers", [])],
+        "score": parts.head.score,
         "cam": {"height": int(fm_shape[1]), "width": int(fm_shape[2]), "channels": int(fm_shape[3]),
                 "method": "gradcam: mean-pooled gradients as channel weights, weighted channel mean, ReLU, "
                           "divided by the per-image max (0 where the max is 0)"},
-        "outputs": [{"name": k, "dtype": specs[k][0], "shape": dims(specs[k][1])} for k in C.OUTPUT_NAMES],
+        "outputs": [{"name": k, "dtype": facts.specs[k][0], "shape": dims(facts.specs[k][1])}
+                    for k in C.OUTPUT_NAMES],
         "opset": options.opset,
         "precision": precision,
         "verification": checks,

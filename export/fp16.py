@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from engine.contract import FP16_SCOPE
+from gradcam_engine.engine.contract import FP16_SCOPE
 
 FP32_OPS = frozenset({"Softmax", "Sigmoid", "ArgMax", "OneHot", "TopK"})
 # (op, input index) that the ONNX spec requires to stay float32 whatever the data type.

@@ -5,9 +5,9 @@ from typing import Any, Callable
 
 import tensorflow as tf
 
-from engine import contract as C
-from export.head import CallableHead, KerasHead
-from export.preprocess import preprocess
+from gradcam_engine.engine import contract as C
+from gradcam_engine.export.head import CallableHead, KerasHead
+from gradcam_engine.export.preprocess import preprocess
 
 
 def gradcam_map(feature_maps: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
@@ -18,9 +18,6 @@ def gradcam_map(feature_maps: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
     peak = tf.reduce_max(cam, axis=[1, 2], keepdims=True)                          # (N, 1, 1)
     safe = tf.where(peak > 0, peak, tf.ones_like(peak))
     return tf.where(peak > 0, cam / safe, tf.zeros_like(cam))                      # 0 where the map is all <= 0
-
-
-FP16_SCOPE = C.FP16_SCOPE  # fp16 artifacts run only this scope in half precision; the rest is small and sensitive
 
 
 class FusedGradCAM(tf.Module):
@@ -43,10 +40,10 @@ class FusedGradCAM(tf.Module):
         ])
 
     def _gradcam(self, images: tf.Tensor, class_index: tf.Tensor) -> dict[str, tf.Tensor]:
-        # Name scopes let the fp16 conversion find the backbone (FP16_SCOPE); the rest stays float32.
+        # Name scopes let the fp16 conversion find the backbone (contract.FP16_SCOPE); the rest stays float32.
         with tf.name_scope("preprocess"):
             x = preprocess(images, self._preprocessing)      # (N, H, W, 3) float32
-        with tf.name_scope(FP16_SCOPE.rstrip("/")):
+        with tf.name_scope(C.FP16_SCOPE.rstrip("/")):
             fm = self.backbone(x, training=False) if hasattr(self.backbone, "layers") else self.backbone(x)
             if self._feature_key is not None:                 # a backbone returning a dict of levels
                 fm = fm[self._feature_key]

@@ -15,7 +15,7 @@ from typing import Any, Callable, Protocol
 import keras
 import tensorflow as tf
 
-from export.errors import ExportError
+from gradcam_engine.export.errors import ExportError
 
 Pullback = Callable[[tf.Tensor], tf.Tensor]
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import keras
 
-from export.errors import ExportError
+from gradcam_engine.export.errors import ExportError
 
 
 @dataclass

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from engine.contract import PREPROCESSING
+from gradcam_engine.engine.contract import PREPROCESSING
 
 _CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
 _TORCH_MEAN = (0.485, 0.456, 0.406)

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from bench.images import scene_images  # the scenes the benchmarks use: structured, so CAMs have a shape
+from gradcam_engine.bench.measure.images import scene_images  # the scenes the benchmarks use: structured, so CAMs have a shape
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -44,18 +44,18 @@ class ExportedCase:
     def onnx_session(self) -> Any:
         import onnxruntime as ort
 
-        from engine import contract as C
+        from gradcam_engine.engine import contract as C
         return ort.InferenceSession(str(self.root / C.ONNX_FILE), providers=["CPUExecutionProvider"])
 
     @functools.cached_property
     def signature(self) -> Any:
         import tensorflow as tf
 
-        from engine import contract as C
+        from gradcam_engine.engine import contract as C
         return tf.saved_model.load(str(self.root / C.SAVED_MODEL_DIR)).signatures[C.SIGNATURE]
 
     def run_onnx(self, images: np.ndarray, class_index: np.ndarray) -> dict[str, np.ndarray]:
-        from engine import contract as C
+        from gradcam_engine.engine import contract as C
         names = [o.name for o in self.onnx_session.get_outputs()]
         values = self.onnx_session.run(names, {C.IMAGES: images, C.CLASS_INDEX: class_index})
         return dict(zip(names, values))
@@ -66,22 +66,15 @@ class ExportedCase:
         return {k: v.numpy() for k, v in out.items()}
 
 
-def _reference_tools() -> Any:
-    try:
-        from reference import gradcam_reference
-    except ImportError:  # tests/ imported as a package
-        from tests.reference import gradcam_reference
-    return gradcam_reference
-
-
 def _make_case(name: str, root: Path, manifest: dict, model: Any, *, backbone: Callable, head_logits: Callable,
                predict: Callable, preprocess: Callable, size: tuple[int, int], seed: int, target_layer: str,
                softmax: bool, preprocessing: str, num_classes: int) -> ExportedCase:
-    gradcam_reference = _reference_tools()
+    from gradcam_engine.bench.contenders.reference import ReferenceParts, gradcam_reference
+
+    parts = ReferenceParts(preprocess=preprocess, backbone=backbone, head=head_logits, predict=predict)
 
     def reference_fn(images: np.ndarray, class_index: np.ndarray) -> dict[str, np.ndarray]:
-        return gradcam_reference(images, class_index, preprocess=preprocess, backbone=backbone,
-                                 head_logits=head_logits, predict=predict)
+        return gradcam_reference(images, class_index, parts)
 
     images = scene_images(REFERENCE_BATCH, size, seed)
     top1 = reference_fn(images, np.full(REFERENCE_BATCH, -1, np.int32))["target_class"]
@@ -110,7 +103,7 @@ def resnet50_case(artifacts_dir: Path) -> ExportedCase:
     """The seed's shape: ResNet50 + GlobalAveragePooling2D + Dropout + Dense(2) logits, saved as .keras, caffe."""
     import keras
 
-    from export import ExportOptions, export_artifact
+    from gradcam_engine.export import ExportOptions, export_artifact
 
     keras.utils.set_random_seed(11)
     size = (96, 96)
@@ -138,7 +131,7 @@ def nested_mobilenet_case(artifacts_dir: Path) -> ExportedCase:
     """MobileNetV2 used as one layer of a functional model, + GAP + Dense(3, softmax); layer found automatically."""
     import keras
 
-    from export import ExportOptions, export_artifact
+    from gradcam_engine.export import ExportOptions, export_artifact
 
     keras.utils.set_random_seed(22)
     size = (96, 96)
@@ -165,7 +158,7 @@ def small_cnn_case(artifacts_dir: Path) -> ExportedCase:
     -> Dense(4, softmax)."""
     import keras
 
-    from export import ExportOptions, export_artifact
+    from gradcam_engine.export import ExportOptions, export_artifact
 
     keras.utils.set_random_seed(33)
     size = (32, 32)
@@ -216,7 +209,7 @@ def efficientnet_case(artifacts_dir: Path) -> ExportedCase:
     """EfficientNetB0 at top level (its own rescaling inside the model, so no preprocessing) + GAP + Dense(5, softmax)."""
     import keras
 
-    from export import ExportOptions, export_artifact
+    from gradcam_engine.export import ExportOptions, export_artifact
 
     keras.utils.set_random_seed(44)
     size = (64, 64)
@@ -241,7 +234,7 @@ def pair_case(artifacts_dir: Path) -> ExportedCase:
     """The seed notebook's form: a backbone returning a dict of levels {"4", "5"} and the head as a list of layers."""
     import keras
 
-    from export import ExportOptions, export_artifact
+    from gradcam_engine.export import ExportOptions, export_artifact
 
     keras.utils.set_random_seed(55)
     size = (64, 64)

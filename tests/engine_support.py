@@ -49,7 +49,7 @@ def export_small_cnn(out: Path) -> SmallArtifact:
     """A seeded Conv2D -> Conv2D("last_conv") -> GAP -> Dense(3, softmax) classifier, exported to `out`."""
     import keras
 
-    from export import ExportOptions, export_artifact
+    from gradcam_engine.export import ExportOptions, export_artifact
 
     keras.utils.set_random_seed(7)
     inputs = keras.Input((*INPUT_SIZE, 3))
@@ -165,11 +165,13 @@ def run_python(code: str, *args: str, timeout: float = 120) -> subprocess.Comple
 # TensorFlow), so it would report the parent's size rather than the run's.
 MEASURED_RUN = r"""
 import json, sys
-from engine.run import RunConfig, run_gradcam
+from gradcam_engine.engine.local_run import run_gradcam
+from gradcam_engine.engine.run_config import RunConfig
+from gradcam_engine.engine.session import SessionOptions
 
 artifact, out, *inputs = sys.argv[1:]
-summary = run_gradcam(RunConfig(artifact=artifact, inputs=inputs, out=out, backend="onnx", device="cpu",
-                                progress=False))
+summary = run_gradcam(RunConfig(artifact=artifact, inputs=inputs, out=out,
+                                session=SessionOptions(backend="onnx", device="cpu"), progress=False))
 status = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith("Vm"))
 print(json.dumps({"vmhwm_kb": int(status["VmHWM"].split()[0]), "images": summary.images, "ok": summary.ok,
                   "errors": summary.errors}))

@@ -32,8 +32,8 @@ def _tiny_cnn(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from bench.main import preset, run_bench
-    from bench.report import markdown
+    from gradcam_engine.bench.main import preset, run_bench
+    from gradcam_engine.bench.report.markdown import markdown
 
     tmp = tmp_path_factory.mktemp("bench")
     config = preset(quick=True, model=str(_tiny_cnn(tmp / "tiny.keras")), preprocess="tf", batch_sizes=BATCH_SIZES,
@@ -59,10 +59,10 @@ def test_reference_and_onnx_cams_agree_on_the_benchmarked_images(bench_run: dict
     import keras
     import onnxruntime as ort
 
-    from bench.agreement import mixed_targets
-    from bench.images import scene_images
-    from bench.reference import gradcam_reference, split_for_reference
-    from engine import contract as C
+    from gradcam_engine.bench.measure.agreement import mixed_targets
+    from gradcam_engine.bench.measure.images import scene_images
+    from gradcam_engine.bench.contenders.reference import gradcam_reference, split_for_reference
+    from gradcam_engine.engine import contract as C
 
     report, config = bench_run["report"], bench_run["config"]
     artifact = Path(report["model"]["artifact"])
@@ -81,8 +81,8 @@ def test_reference_and_onnx_cams_agree_on_the_benchmarked_images(bench_run: dict
 
 
 def test_a_contender_with_different_cams_fails_the_check() -> None:
-    from bench.agreement import compare
-    from engine import contract as C
+    from gradcam_engine.bench.measure.agreement import compare
+    from gradcam_engine.engine import contract as C
 
     cam = np.random.default_rng(0).uniform(0, 1, (2, 4, 4)).astype(np.float32)
     expected = {C.PREDICTIONS: np.array([[0.2, 0.8], [0.6, 0.4]]), C.TARGET_CLASS: np.array([1, 0]), C.CAM: cam}
@@ -94,12 +94,12 @@ def test_a_contender_with_different_cams_fails_the_check() -> None:
 def test_a_contenders_memory_is_measured_alone_in_a_fresh_process(bench_run: dict[str, Any]) -> None:
     from dataclasses import asdict
 
-    from bench.contenders import GRADCAM, Sources, Spec
-    from bench.fresh import run_worker
+    from gradcam_engine.bench.contenders import GRADCAM, Sources, Spec
+    from gradcam_engine.bench.measure.fresh import run_worker
 
     model = bench_run["report"]["model"]
     sources = Sources(model["artifact"], model["keras"], model["preprocessing"], None)
-    result = run_worker("bench.memory_worker", [json.dumps(asdict(Spec(GRADCAM, "onnx"))), json.dumps(asdict(sources)),
+    result = run_worker("gradcam_engine.bench.measure.memory_worker", [json.dumps(asdict(Spec(GRADCAM, "onnx"))), json.dumps(asdict(sources)),
                                                 "--batch-size", "4", "--size", "32", "32"])
     assert result["batch_size"] == 4
     assert 0 < result["baseline_rss_mb"] <= result["loaded_rss_mb"] <= result["peak_rss_mb"] < 2048

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import ExifTags, Image, ImageFile, JpegImagePlugin
 
-from engine.decode import DECODE_FILTER, DecodedImage, DecodeError, decode_image
+from gradcam_engine.engine.decode import DECODE_FILTER, DecodedImage, DecodeError, decode_image
 
 
 def encode(image: Image.Image, format: str, **options: object) -> bytes:

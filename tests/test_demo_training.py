@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from demo.scenes import (
+from gradcam_engine.demo.scenes import (
     BOXES_CSV,
     CLASS_NAMES,
     Scene,
@@ -107,7 +107,7 @@ def test_scenes_import_without_tensorflow() -> None:
 
 
 def test_model_shape_and_size() -> None:
-    from demo.train import LAST_CONV, LAST_CONV_RELU, build_model
+    from gradcam_engine.demo.train import LAST_CONV, LAST_CONV_RELU, build_model
 
     model = build_model()
     assert tuple(model.input.shape) == (None, 96, 96, 3)
@@ -120,7 +120,7 @@ def test_model_shape_and_size() -> None:
 def test_short_training_run_learns(tmp_path: Path) -> None:
     import keras
 
-    from demo.train import train
+    from gradcam_engine.demo.train import train
 
     out = tmp_path / "model.keras"
     # 64-pixel scenes keep the run near 25 s on two CPU cores; the code path is the shipped one. Seeds 0-4 reach

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.cli import main
+from gradcam_engine.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "gradcam export: error: "
@@ -165,7 +165,7 @@ def test_command_line_exits_non_zero_without_traceback(models, out_parent) -> No
     """The real `python -m engine.cli` process, not main() in-process."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "export", str(models["softplus_head"]), "--out", str(out_parent / "a")],
+        [sys.executable, "-m", "gradcam_engine.cli", "export", str(models["softplus_head"]), "--out", str(out_parent / "a")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
@@ -178,7 +178,7 @@ def test_error_while_building_the_graph_is_reported_as_one_line(out_parent) -> N
     """A head callable that fails while the fused graph is traced: the original error, not a traced stack."""
     import keras
 
-    from export import ExportError, ExportOptions, export_artifact
+    from gradcam_engine.export import ExportError, ExportOptions, export_artifact
 
     inputs = keras.Input((16, 16, 3))
     backbone = keras.Model(inputs, keras.layers.Conv2D(4, 3, name="conv")(inputs))

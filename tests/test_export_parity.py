@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import CASE_FIXTURES, EXPLICIT_SLOTS, REFERENCE_BATCH, ExportedCase, scene_images
-from engine import contract as C
-from engine.artifact import ArtifactError, load_artifact, sha256_file
+from gradcam_engine.engine import contract as C
+from gradcam_engine.engine.artifact import ArtifactError, load_artifact, sha256_file
 
 CAM_TOL = 1e-4
 PRED_TOL = 1e-4
@@ -140,7 +140,7 @@ def test_target_layer_is_the_expected_one(case: ExportedCase) -> None:
 
 @pytest.mark.filterwarnings("ignore:The structure of `inputs`")
 def test_explicit_nested_layer_path_resolves_to_the_auto_target_layer(nested_mobilenet_case: ExportedCase) -> None:
-    from export.locate import split_model
+    from gradcam_engine.export.locate import split_model
 
     case = nested_mobilenet_case
     backbone_name = case.target_layer.split("/")[0]

@@ -8,13 +8,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from demo.scenes import CLASS_NAMES, make_scenes
-from engine import contract as C
-from engine.errors import RunError
-from engine.runner import GradCAMRunner, RunnerOptions, choose_precision
-from export import ExportOptions, export_artifact
-from export.fp16 import half_precision_nodes, remove_cascaded_casts
-from export.to_onnx import cam_correlation
+from gradcam_engine.demo.scenes import CLASS_NAMES, make_scenes
+from gradcam_engine.engine import contract as C
+from gradcam_engine.engine.errors import RunError
+from gradcam_engine.engine.session import GradCAMSession, SessionOptions, choose_precision
+from gradcam_engine.export import ExportOptions, export_artifact
+from gradcam_engine.export.fp16 import half_precision_nodes, remove_cascaded_casts
+from gradcam_engine.export.parity import cam_correlation
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "demo" / "model.keras"
 
@@ -70,8 +70,8 @@ def test_fp16_onnx_keeps_float32_io_and_half_backbone(both: Path) -> None:
 
 def test_fp16_saved_model_matches_fp32(both: Path, scenes: tuple[np.ndarray, np.ndarray]) -> None:
     images, _ = scenes
-    full = GradCAMRunner(both, RunnerOptions(backend="onnx", precision="fp32"))({C.IMAGES: images[:32]})
-    half = GradCAMRunner(both, RunnerOptions(backend="tf", precision="fp16"))({C.IMAGES: images[:32]})
+    full = GradCAMSession(both, SessionOptions(backend="onnx", precision="fp32"))({C.IMAGES: images[:32]})
+    half = GradCAMSession(both, SessionOptions(backend="tf", precision="fp16"))({C.IMAGES: images[:32]})
     same = full[C.TARGET_CLASS] == half[C.TARGET_CLASS]
     assert same.mean() >= 0.95
     assert cam_correlation(full[C.CAM][same], half[C.CAM][same]) >= 0.99
@@ -99,10 +99,10 @@ def test_engine_picks_fp16_on_cuda_and_fp32_on_cpu() -> None:
 def test_fixed_batch_padding_and_io_binding_do_not_change_results(both: Path,
                                                                  scenes: tuple[np.ndarray, np.ndarray]) -> None:
     images = scenes[0][:5]
-    plain = GradCAMRunner(both)({C.IMAGES: images})
-    for options in (RunnerOptions(fixed_batch=8), RunnerOptions(io_binding=True),
-                    RunnerOptions(fixed_batch=8, io_binding=True)):
-        got = GradCAMRunner(both, options)({C.IMAGES: images})
+    plain = GradCAMSession(both)({C.IMAGES: images})
+    for options in (SessionOptions(fixed_batch=8), SessionOptions(io_binding=True),
+                    SessionOptions(fixed_batch=8, io_binding=True)):
+        got = GradCAMSession(both, options)({C.IMAGES: images})
         assert got[C.CAM].shape == plain[C.CAM].shape
         for name in C.ENGINE_OUTPUTS:
             np.testing.assert_array_equal(got[name], plain[name])

@@ -8,10 +8,10 @@ import keras
 import onnx
 import pytest
 
-from bench import gpu_check
-from bench.onnx_weights import fill_weights, strip_weights
-from engine import contract as C
-from export.fp16 import to_fp16
+from gradcam_engine.bench.tools import gpu_check
+from gradcam_engine.bench.tools.onnx_weights import fill_weights, strip_weights
+from gradcam_engine.engine import contract as C
+from gradcam_engine.export.fp16 import to_fp16
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.inputs import (
+from gradcam_engine.engine.errors import UserError
+from gradcam_engine.engine.inputs import (
     IMAGE_EXTENSIONS,
     InputError,
     InputItem,
@@ -198,7 +199,7 @@ def test_missing_spec_is_an_input_error_naming_it(tmp_path: Path) -> None:
     with pytest.raises(InputError) as raised:
         list_inputs([str(missing)])
     assert str(raised.value) == f"{missing}: no such file or directory"
-    assert isinstance(raised.value, ValueError)
+    assert isinstance(raised.value, UserError)  # the command line prints it as one line
 
 
 def test_specs_keep_their_order_and_duplicates_keep_the_first_occurrence(tmp_path: Path) -> None:
@@ -246,7 +247,7 @@ def test_permission_error_while_opening_is_reported_as_permission_denied(
     def refuse(*args: object, **kwargs: object) -> None:
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr("engine.inputs.open", refuse, raising=False)
+    monkeypatch.setattr("gradcam_engine.engine.storage.open", refuse, raising=False)
     with pytest.raises(ReadError, match="^permission denied$"):
         read_bytes(InputItem(str(path), "file"), 100)
 

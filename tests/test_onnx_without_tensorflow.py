@@ -37,16 +37,17 @@ except ImportError:
 else:
     raise SystemExit("tensorflow was importable")
 
-from engine.run import RunConfig, run_gradcam
+from gradcam_engine.engine.local_run import run_gradcam
+from gradcam_engine.engine.run_config import RunConfig
 
 artifact, out, *inputs = sys.argv[1:]
-summary = run_gradcam(RunConfig(artifact=artifact, inputs=inputs, out=out, backend="onnx", progress=False))
+summary = run_gradcam(RunConfig(artifact=artifact, inputs=inputs, out=out, progress=False))
 print(summary.text())
 report(ok=summary.ok, errors=summary.errors)
 """
 
 COMMAND_LINE = BLOCK + r"""
-from engine.cli import main
+from gradcam_engine.cli.main import main
 
 code = main(sys.argv[1:])
 report(code=code)
@@ -90,5 +91,6 @@ def test_asking_for_the_tf_backend_without_tensorflow_is_a_one_line_error(artifa
     assert done.returncode == 0, done.stderr[-3000:]
     assert last_json(done.stdout)["code"] == 2
     assert done.stderr.strip().splitlines() == [
-        "gradcam run: error: --backend tf needs TensorFlow: pip install 'gradcam-engine[export]'"]
+        "gradcam run: error: --backend tf needs TensorFlow (tensorflow is not installed): "
+        "pip install 'gradcam-engine[export]'"]
     assert not (tmp_path / "run").exists()

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.overlay import HEAT_WEIGHT, IMAGE_WEIGHT, blend, jet, jet_table, overlays, upsample
-from engine.run import RunConfig, run_gradcam
+from gradcam_engine.engine.overlay import HEAT_WEIGHT, IMAGE_WEIGHT, blend, jet, jet_table, overlays, upsample
+from gradcam_engine.engine.local_run import run_gradcam
+from gradcam_engine.engine.run_config import RunConfig
 from engine_support import (SmallArtifact, artifact, cam_of, rows_by_path, scene,  # noqa: F401 (fixture)
                             write_image)
 

@@ -22,9 +22,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from engine.inputs import list_inputs
-from engine.results import RESULTS_DIR
-from engine.run import OVERLAY_DIR, RUN_JSON, RunConfig, run_gradcam
+from gradcam_engine.engine.inputs import list_inputs
+from gradcam_engine.engine.results import RESULTS_DIR
+from gradcam_engine.engine.local_run import run_gradcam
+from gradcam_engine.engine.overlay import OVERLAY_DIR
+from gradcam_engine.engine.run_config import RunConfig
+from gradcam_engine.engine.rundir import RUN_JSON
+from gradcam_engine.engine.session import SessionOptions
 
 CAM_TOLERANCE = 1e-4
 SHARD_SIZE = 8  # several shards for 50 images, so resume has something to lose
@@ -38,7 +42,7 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small Keras CNN with a softmax head, exported with the real exporter."""
     import keras
 
-    from export import ExportOptions, export_artifact
+    from gradcam_engine.export import ExportOptions, export_artifact
 
     keras.utils.set_random_seed(7)
     inputs = keras.Input((32, 32, 3))
@@ -106,7 +110,7 @@ def in_workdir(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def _config(artifact: Path, out: str) -> RunConfig:
     return RunConfig(artifact=str(artifact), inputs=["images", "shard.tar"], out=out, batch_size=4,
-                     shard_size=SHARD_SIZE, overlays=OVERLAYS, progress=False, threads=1)
+                     shard_size=SHARD_SIZE, overlays=OVERLAYS, progress=False, session=SessionOptions(threads=1))
 
 
 def _rows(run_dir: Path) -> list[dict[str, Any]]:
@@ -136,7 +140,7 @@ def local_run(artifact: Path, workdir: Path) -> Path:
 
 
 def test_ray_rows_equal_local_rows(ray_cluster: Any, artifact: Path, in_workdir: Path, local_run: Path) -> None:
-    from engine.ray_runner import RayOptions, run_gradcam_ray
+    from gradcam_engine.engine.ray_run import RayOptions, run_gradcam_ray
 
     summary = run_gradcam_ray(_config(artifact, "ray_run"), RayOptions())
     local, remote = _rows(local_run), _rows(in_workdir / "ray_run")
@@ -165,7 +169,7 @@ def test_ray_rows_equal_local_rows(ray_cluster: Any, artifact: Path, in_workdir:
 
 def test_ray_resumes_only_the_missing_inputs(ray_cluster: Any, artifact: Path, in_workdir: Path,
                                              local_run: Path) -> None:
-    from engine.ray_runner import RayOptions, run_gradcam_ray
+    from gradcam_engine.engine.ray_run import RayOptions, run_gradcam_ray
 
     run_dir = in_workdir / "resumed"
     shutil.copytree(local_run, run_dir)  # a run the local runner committed, then lost two shards of
@@ -198,7 +202,7 @@ def test_ray_resumes_only_the_missing_inputs(ray_cluster: Any, artifact: Path, i
 
 def test_ray_runner_from_the_command_line(ray_cluster: Any, artifact: Path, in_workdir: Path, local_run: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
-    from engine.cli import main
+    from gradcam_engine.cli.main import main
 
     code = main(["run", str(artifact), "images", "shard.tar", "--out", "cli_run", "--runner", "ray",
                  "--concurrency", "1", "--num-cpus-per-worker", "1", "--batch-size", "8"])
@@ -210,14 +214,14 @@ def test_ray_runner_from_the_command_line(ray_cluster: Any, artifact: Path, in_w
 
 def test_stages_without_ray_give_the_local_rows(artifact: Path, in_workdir: Path, local_run: Path) -> None:
     """The stage functions on plain dicts, in one process: what Ray runs, minus Ray."""
-    from engine.ray_stages import INDEX, KIND, DecodeSpec, GradCAMActor, decode_batch, write_batch
-    from engine.runner import RunnerOptions
+    from gradcam_engine.engine.ray_stages import INDEX, KIND, DecodeSpec, GradCAMActor, decode_batch, write_batch
+    from gradcam_engine.engine.session import SessionOptions
 
     items = list_inputs(["images", "shard.tar"]).items
     spec = DecodeSpec((32, 32), 1 << 20, 1 << 24, os.getcwd())
     batch = {"path": np.array([i.key for i in items], object), KIND: np.array([i.kind for i in items], object),
              INDEX: np.arange(len(items))}
-    rows = GradCAMActor(str(artifact), RunnerOptions(device="cpu", threads=1), -1)(decode_batch(batch, spec))
+    rows = GradCAMActor(str(artifact), SessionOptions(device="cpu", threads=1), -1)(decode_batch(batch, spec))
     written = write_batch(rows, str(in_workdir / "stages" / RESULTS_DIR), str(in_workdir / "stages" / OVERLAY_DIR),
                           int(OVERLAYS), spec)
     assert written["shard"].tolist() == ["part-000000000-000000049.parquet"] and written["rows"].tolist() == [50]
@@ -227,10 +231,11 @@ def test_stages_without_ray_give_the_local_rows(artifact: Path, in_workdir: Path
 
 def test_replica_setup_error_is_one_line_and_writes_nothing(ray_cluster: Any, artifact: Path,
                                                             in_workdir: Path) -> None:
-    from engine.errors import RunError
-    from engine.ray_runner import RayOptions, run_gradcam_ray
+    from gradcam_engine.engine.errors import RunError
+    from gradcam_engine.engine.ray_run import RayOptions, run_gradcam_ray
 
-    config = replace(_config(artifact, "fp16_run"), precision="fp16")  # the artifact was exported fp32 only
+    config = _config(artifact, "fp16_run")
+    config = replace(config, session=replace(config.session, precision="fp16"))  # the artifact is fp32 only
     with pytest.raises(RunError, match="no fp16 file"):
         run_gradcam_ray(config, RayOptions(concurrency=1))
     assert not (in_workdir / "fp16_run").exists()
@@ -238,8 +243,8 @@ def test_replica_setup_error_is_one_line_and_writes_nothing(ray_cluster: Any, ar
 
 def test_replicas_that_take_every_cpu_are_refused_not_left_to_hang(ray_cluster: Any, artifact: Path,
                                                                     in_workdir: Path) -> None:
-    from engine.errors import RunError
-    from engine.ray_runner import RayOptions, run_gradcam_ray
+    from gradcam_engine.engine.errors import RunError
+    from gradcam_engine.engine.ray_run import RayOptions, run_gradcam_ray
 
     with pytest.raises(RunError, match="leave none of the Ray cluster's 2 CPUs"):
         run_gradcam_ray(_config(artifact, "greedy"), RayOptions(num_cpus_per_worker=2))
@@ -249,7 +254,7 @@ def test_replicas_that_take_every_cpu_are_refused_not_left_to_hang(ray_cluster: 
 
 
 def test_ray_flags_need_the_ray_runner(artifact: Path, in_workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from engine.cli import main
+    from gradcam_engine.cli.main import main
 
     assert main(["run", str(artifact), "images", "--out", "never", "--address", "auto"]) == 2
     assert "--address needs --runner ray" in capsys.readouterr().err
@@ -257,21 +262,22 @@ def test_ray_flags_need_the_ray_runner(artifact: Path, in_workdir: Path, capsys:
 
 
 def test_contradictory_options_are_refused_before_anything_is_written(tmp_path: Path) -> None:
-    from engine.errors import RunError
-    from engine.ray_runner import RayOptions, run_gradcam_ray
+    from gradcam_engine.engine.errors import RunError
+    from gradcam_engine.engine.ray_run import RayOptions, run_gradcam_ray
 
-    config = RunConfig(artifact="unused", inputs=["unused"], out=str(tmp_path / "out"), device="cuda")
+    config = RunConfig(artifact="unused", inputs=["unused"], out=str(tmp_path / "out"),
+                       session=SessionOptions(device="cuda"))
     with pytest.raises(RunError, match="num-gpus-per-worker"):
         run_gradcam_ray(config, RayOptions())
     with pytest.raises(RunError, match="drop --num-gpus-per-worker"):
-        run_gradcam_ray(replace(config, device="cpu"), RayOptions(num_gpus_per_worker=1))
+        run_gradcam_ray(replace(config, session=SessionOptions(device="cpu")), RayOptions(num_gpus_per_worker=1))
     with pytest.raises(RunError, match="--concurrency"):
-        run_gradcam_ray(replace(config, device="auto"), RayOptions(concurrency=0))
+        run_gradcam_ray(replace(config, session=SessionOptions(device="auto")), RayOptions(concurrency=0))
     assert not (tmp_path / "out").exists()
 
 
 def test_local_runner_and_cli_never_import_ray() -> None:
-    code = ("import sys, engine.run, engine.run_cli, engine.cli, engine.ray_runner; "
+    code = ("import sys, gradcam_engine.engine.local_run, gradcam_engine.cli.main, gradcam_engine.engine.ray_run; "
             "loaded = [m for m in sys.modules if m == 'ray' or m.startswith('ray.')]; "
             "assert not loaded, loaded")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -279,11 +285,11 @@ def test_local_runner_and_cli_never_import_ray() -> None:
 
 def test_decode_tasks_read_uris_as_named_not_relative_to_the_driver(in_workdir: Path, tmp_path: Path) -> None:
     """A worker joins relative local paths to the driver's directory; a URI names its store and is read as is."""
-    from engine.ray_stages import DecodeSpec, load_key
-    from engine.remote_files import URI
+    from gradcam_engine.engine.inputs import IMAGE
+    from gradcam_engine.engine.ray_stages import DecodeSpec, load_key
 
     image = next(p for p in sorted((in_workdir / "images").iterdir()) if p.suffix == ".png")
     key = image.resolve().as_uri()
-    loaded = load_key(key, URI, DecodeSpec((32, 32), 1 << 20, 1 << 24, str(tmp_path)), keep_original=False)
+    loaded = load_key(key, IMAGE, DecodeSpec((32, 32), 1 << 20, 1 << 24, str(tmp_path)), keep_original=False)
     assert loaded.key == key and loaded.error is None and loaded.image is not None
     assert loaded.image.pixels.shape == (32, 32, 3)

@@ -1,14 +1,17 @@
 """Inputs named by URI go through pyarrow.fs; file:// URIs exercise the same code as s3:// or gs:// without a network."""
 from __future__ import annotations
 
+import io
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from engine.inputs import InputError, InputItem, ReadError, list_inputs, read_bytes
-from engine.remote_files import URI, is_uri
-from engine.run import RunConfig, run_gradcam
+from gradcam_engine.engine.inputs import IMAGE, TAR_MEMBER, InputError, InputItem, ReadError, list_inputs, read_bytes
+from gradcam_engine.engine.storage import is_uri
+from gradcam_engine.engine.local_run import run_gradcam
+from gradcam_engine.engine.run_config import RunConfig
 from engine_support import SmallArtifact, artifact, cam_of, rows_by_path, write_scenes  # noqa: F401 (fixture)
 
 
@@ -29,7 +32,7 @@ def test_a_uri_prefix_is_listed_recursively_in_path_order_and_non_images_are_cou
     base = uri(tmp_path)
     assert [i.key for i in listing.items] == [f"{base}/a/sub/1.jpg", f"{base}/a/z.png", f"{base}/a-b.jpg",
                                               f"{base}/b/2.jpg"]
-    assert {i.kind for i in listing.items} == {URI} and listing.skipped_non_image == 2
+    assert {i.kind for i in listing.items} == {IMAGE} and listing.skipped_non_image == 2
 
 
 def test_a_path_list_at_a_uri_keeps_uri_lines_and_resolves_the_others_beside_it(tmp_path: Path) -> None:
@@ -47,7 +50,7 @@ def test_a_local_path_list_may_name_uris(tmp_path: Path) -> None:
     lst = tmp_path / "list.txt"
     lst.write_text(f"{uri(image)}\nx.jpg\n")
     items = list_inputs([str(lst)]).items
-    assert items == [InputItem(uri(image), URI), InputItem(str(tmp_path / "x.jpg"), "file")]
+    assert items == [InputItem(uri(image), IMAGE), InputItem(str(tmp_path / "x.jpg"), IMAGE)]
 
 
 def test_names_with_spaces_and_hashes_become_valid_uris_that_read_back(tmp_path: Path) -> None:
@@ -66,13 +69,13 @@ def test_two_spellings_of_one_object_are_one_input(tmp_path: Path) -> None:
 
 def test_reading_a_uri_gives_its_bytes_and_every_failure_is_a_read_error(tmp_path: Path) -> None:
     image = write(tmp_path / "x.jpg", b"0123456789")
-    assert read_bytes(InputItem(uri(image), URI), 100) == b"0123456789"
+    assert read_bytes(InputItem(uri(image), IMAGE), 100) == b"0123456789"
     with pytest.raises(ReadError, match="^no such file$"):
-        read_bytes(InputItem(uri(tmp_path / "gone.jpg"), URI), 100)
+        read_bytes(InputItem(uri(tmp_path / "gone.jpg"), IMAGE), 100)
     with pytest.raises(ReadError, match="^is a directory$"):
-        read_bytes(InputItem(uri(tmp_path), URI), 100)
+        read_bytes(InputItem(uri(tmp_path), IMAGE), 100)
     with pytest.raises(ReadError, match="^file is 10 bytes, over the limit of 5$"):
-        read_bytes(InputItem(uri(image), URI), 5)
+        read_bytes(InputItem(uri(image), IMAGE), 5)
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -85,10 +88,23 @@ def test_a_uri_that_names_nothing_usable_stops_the_run_before_it_starts(spec: st
         list_inputs([spec])
 
 
-def test_a_tar_shard_by_uri_is_refused_with_the_way_out(tmp_path: Path) -> None:
-    shard = write(tmp_path / "s.tar")
-    with pytest.raises(InputError, match="tar shards are read from local paths only"):
-        list_inputs([uri(shard)])
+def test_a_tar_shard_by_uri_is_listed_and_read_like_a_local_one(tmp_path: Path) -> None:
+    shard = tmp_path / "shards" / "s 1.tar"
+    shard.parent.mkdir()
+    contents = {"a.jpg": b"first", "sub/b.png": b"second" * 100, "notes.txt": b"not an image"}
+    with tarfile.open(shard, "w") as archive:
+        for name, data in contents.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    local, remote = list_inputs([str(shard)]), list_inputs([uri(shard)])
+    assert [i.key.split("::")[1] for i in remote.items] == [i.key.split("::")[1] for i in local.items] == \
+        ["a.jpg", "sub/b.png"]
+    assert {i.kind for i in remote.items} == {TAR_MEMBER} and remote.skipped_non_image == 1
+    assert remote.items[0].key == f"{uri(shard)}::a.jpg"
+    assert [read_bytes(i, 1 << 20) for i in remote.items] == [contents["a.jpg"], contents["sub/b.png"]]
+    with pytest.raises(ReadError, match="^no such member in the tar archive$"):
+        read_bytes(InputItem(f"{uri(shard)}::c.jpg", TAR_MEMBER), 100)
 
 
 def test_is_uri_tells_schemes_from_local_paths() -> None:

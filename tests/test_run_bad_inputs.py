@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.cli import main
-from engine.run import RunConfig, run_gradcam
+from gradcam_engine.cli.main import main
+from gradcam_engine.engine.local_run import run_gradcam
+from gradcam_engine.engine.run_config import RunConfig
 from engine_support import (SmallArtifact, artifact, copy_artifact, encode, measured_run,  # noqa: F401 (fixture)
                             rows_by_path, scene, write_image)
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.cli import main
-from engine.progress import Progress
-from engine.run import RunConfig, run_gradcam
+from gradcam_engine.cli.main import main
+from gradcam_engine.engine.progress import Progress
+from gradcam_engine.engine.local_run import run_gradcam
+from gradcam_engine.engine.run_config import RunConfig
 from engine_support import SmallArtifact, artifact, write_scenes  # noqa: F401 (fixture)
 
 

@@ -8,10 +8,12 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from engine import contract as C
-from engine.decode import decode_image
-from engine.results import SCHEMA
-from engine.run import RunConfig, run_gradcam
+from gradcam_engine.engine import contract as C
+from gradcam_engine.engine.decode import decode_image
+from gradcam_engine.engine.results import SCHEMA
+from gradcam_engine.engine.local_run import run_gradcam
+from gradcam_engine.engine.run_config import RunConfig
+from gradcam_engine.engine.session import SessionOptions
 from engine_support import (CLASS_NAMES, SmallArtifact, artifact, cam_of, results_table,  # noqa: F401 (fixture)
                             rows_by_path, write_scenes)
 
@@ -119,7 +121,8 @@ def test_the_tf_backend_gives_the_same_rows_as_onnx(artifact: SmallArtifact, ima
                                                     onnx_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "tf_run"
     summary = run_gradcam(RunConfig(artifact=str(artifact.root), inputs=[str(images[0].parent)], out=str(out),
-                                    backend="tf", device="cpu", batch_size=5, progress=False))
+                                    session=SessionOptions(backend="tf", device="cpu"), batch_size=5,
+                                    progress=False))
     assert (summary.ok, summary.errors) == (len(images), 0)
     assert summary.backend.split()[0] == "tf"
     onnx_rows, tf_rows = rows_by_path(onnx_run), rows_by_path(out)

@@ -13,16 +13,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.cli import main
-from engine.errors import RunError
-from engine.run import RunConfig, run_gradcam
+from gradcam_engine.cli.main import main
+from gradcam_engine.engine.errors import RunError
+from gradcam_engine.engine.local_run import run_gradcam
+from gradcam_engine.engine.run_config import RunConfig
+from gradcam_engine.engine.session import SessionOptions
 from engine_support import (REPO, SmallArtifact, artifact, cam_of, child_env, copy_artifact,  # noqa: F401 (fixture)
                             results_table, rows_by_path, scene, write_image, write_scenes)
 
 
-def config(art: SmallArtifact, inputs: list[Path], out: Path, **options: object) -> RunConfig:
+def config(art: SmallArtifact, inputs: list[Path], out: Path, threads: int = 0, **options: object) -> RunConfig:
     return RunConfig(artifact=str(art.root), inputs=[str(p) for p in inputs], out=str(out), progress=False,
-                     **options)  # type: ignore[arg-type]
+                     session=SessionOptions(threads=threads), **options)  # type: ignore[arg-type]
 
 
 def tmp_files(run_dir: Path) -> list[Path]:
@@ -63,7 +65,7 @@ def test_a_run_killed_mid_way_resumes_with_exactly_one_row_per_input(artifact: S
                                                                      many: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     results = run_dir / "results"
-    command = [sys.executable, "-m", "engine.cli", "run", str(artifact.root), str(many), "--out", str(run_dir),
+    command = [sys.executable, "-m", "gradcam_engine.cli", "run", str(artifact.root), str(many), "--out", str(run_dir),
                "--shard-size", "4", "--batch-size", "2", "--workers", "1", "--threads", "1", "--overlays", "all"]
     process = subprocess.Popen(command, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:

@@ -1,0 +1,1 @@
+"""Stand-alone measurements run by hand: the GPU check, threads vs processes for decoding, weight stripping."""

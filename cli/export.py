@@ -1,0 +1,62 @@
+"""`gradcam export`: a Keras model -> an artifact directory (SavedModel + ONNX + manifest)."""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from gradcam_engine.cli.options import default, size
+from gradcam_engine.engine import contract as C
+
+
+def _export(args: argparse.Namespace) -> int:
+    from gradcam_engine.engine.tf_import import import_tensorflow
+
+    import_tensorflow("gradcam export")
+    from gradcam_engine.export import ExportOptions, export_artifact, read_class_names
+
+    options = ExportOptions(
+        layer=args.layer, preprocessing=args.preprocess, opset=args.opset, precision=args.precision,
+        class_names=read_class_names(args.classes) if args.classes else None,
+        input_size=args.input_size, overwrite=args.overwrite)
+    manifest = export_artifact(args.model, args.out, options)
+    print(summary(manifest, args.out))
+    return 0
+
+
+def summary(manifest: dict[str, Any], out: str) -> str:
+    """What was exported, how big each file is, and how well each ONNX file agrees with TensorFlow."""
+    cam = manifest["cam"]
+    groups: dict[str, int] = {}
+    for rel, meta in manifest["files"].items():
+        groups[rel.split("/")[0]] = groups.get(rel.split("/")[0], 0) + meta["bytes"]
+    sizes = ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in groups.items())
+    lines = [f"exported {manifest['model_name']} -> {out}: layer {manifest['target_layer']} "
+             f"(cam {cam['height']}x{cam['width']}x{cam['channels']}), score {manifest['score']}, "
+             f"{manifest['num_classes']} classes, opset {manifest['opset']}; {sizes}"]
+    for file, check in manifest["verification"].items():
+        if isinstance(check, dict):
+            lines.append(f"  {file} ({check['precision']}) vs TensorFlow fp32: cam max diff "
+                         f"{check['cam_max_abs_diff']:.1e}, cam correlation >= {check['cam_min_correlation']:.4f}, "
+                         f"top-1 agreement {check['top1_agreement']:.0%}")
+        else:
+            lines.append(f"  {file}: {check}")
+    return "\n".join(lines)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `export` subcommand."""
+    from gradcam_engine.export.api import EXPORT_PRECISIONS, ExportOptions
+
+    ex = sub.add_parser("export", help="export a Keras model as one fused Grad-CAM graph (SavedModel + ONNX)")
+    ex.add_argument("model", help="a Keras 3 .keras file")
+    ex.add_argument("--out", required=True, help="artifact directory to create")
+    ex.add_argument("--layer", default=default(ExportOptions, "layer"),
+                    help="target layer name, nested path (outer/inner) or auto")
+    ex.add_argument("--preprocess", default=default(ExportOptions, "preprocessing"), choices=C.PREPROCESSING,
+                    help="input scaling built into the graph (caffe: ResNet50/VGG, tf: MobileNet, torch: DenseNet)")
+    ex.add_argument("--classes", help="class names: a text file (one per line) or a JSON list")
+    ex.add_argument("--opset", type=int, default=default(ExportOptions, "opset"))
+    ex.add_argument("--precision", default=default(ExportOptions, "precision"), choices=EXPORT_PRECISIONS)
+    ex.add_argument("--input-size", type=size, help="HxW, for models whose input size is not fixed")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
+    ex.set_defaults(handler=_export)

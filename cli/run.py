@@ -1,0 +1,80 @@
+"""`gradcam run`: parse, build a RunConfig, call run_gradcam or run_gradcam_ray (--runner ray), print the summary."""
+from __future__ import annotations
+
+import argparse
+
+from gradcam_engine.cli.options import default
+from gradcam_engine.engine.errors import RunError
+from gradcam_engine.engine.run_config import RunConfig
+from gradcam_engine.engine.session import BACKENDS, DEVICES, PRECISIONS, SessionOptions
+
+# Options of the Ray runner, named as RayOptions' fields; Ray is imported only when --runner ray is chosen.
+RAY_FLAGS = ("address", "num_gpus_per_worker", "num_cpus_per_worker", "concurrency")
+RUNNERS = ("local", "ray")
+
+
+def config_from(args: argparse.Namespace) -> RunConfig:
+    """The RunConfig the flags describe."""
+    session = SessionOptions(
+        backend=args.backend, device=args.device, threads=args.threads, precision=args.precision,
+        io_binding=args.io_binding, fixed_batch=args.batch_size if (args.fixed_batch or args.cuda_graph) else 0,
+        cuda_graph=args.cuda_graph, trt=args.trt)
+    return RunConfig(artifact=args.artifact, inputs=args.inputs, out=args.out, session=session,
+                     batch_size=args.batch_size, target=args.target, overlays=args.overlays, workers=args.workers,
+                     shard_size=args.shard_size, overwrite=args.overwrite)
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = config_from(args)
+    ray_flags = {name: getattr(args, name) for name in RAY_FLAGS if getattr(args, name) is not None}
+    if args.runner == "ray":
+        from gradcam_engine.engine.ray_run import RayOptions, run_gradcam_ray
+
+        print(run_gradcam_ray(config, RayOptions(**ray_flags)).text())
+        return 0
+    if ray_flags:
+        raise RunError(f"--{next(iter(ray_flags)).replace('_', '-')} needs --runner ray")
+    from gradcam_engine.engine.local_run import run_gradcam
+
+    print(run_gradcam(config).text())
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `run` subcommand."""
+    p = sub.add_parser("run", help="stream images through an exported artifact into Parquet results")
+    p.add_argument("artifact", help="artifact directory made by `gradcam export`")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image directory (recursive), glob, text file of paths, .tar shard, or image file; "
+                        "local paths or URIs (s3://, gs://, hdfs://, file://)")
+    p.add_argument("--out", required=True, help="run directory (results/, overlays/, run.json)")
+    p.add_argument("--backend", default=default(SessionOptions, "backend"), choices=sorted(BACKENDS))
+    p.add_argument("--device", default=default(SessionOptions, "device"), choices=DEVICES)
+    p.add_argument("--batch-size", type=int, default=default(RunConfig, "batch_size"))
+    p.add_argument("--target", default=default(RunConfig, "target"),
+                   help="predicted, a class index, or a class name")
+    p.add_argument("--overlays", default=default(RunConfig, "overlays"),
+                   help="none, all, or N (overlays for the first N images)")
+    p.add_argument("--workers", type=int, default=default(RunConfig, "workers"),
+                   help="decode threads (default: one per core)")
+    p.add_argument("--threads", type=int, default=default(SessionOptions, "threads"),
+                   help="inference threads (default: the runtime's)")
+    p.add_argument("--shard-size", type=int, default=default(RunConfig, "shard_size"),
+                   help="rows per Parquet shard (resume granularity)")
+    p.add_argument("--overwrite", action="store_true", help="replace results of a different earlier run")
+    p.add_argument("--precision", default=default(SessionOptions, "precision"), choices=PRECISIONS,
+                   help="auto: fp16 on CUDA when the artifact has it, else fp32")
+    p.add_argument("--io-binding", default=None, action=argparse.BooleanOptionalAction,
+                   help="ONNX Runtime IO binding (default: on for CUDA)")
+    p.add_argument("--fixed-batch", action="store_true", help="pad the last batch to --batch-size (stable shapes)")
+    p.add_argument("--cuda-graph", action="store_true", help="ONNX Runtime CUDA graphs (implies --fixed-batch)")
+    p.add_argument("--trt", action="store_true", help="TensorRT execution provider, fp16, engine cache in RUN_DIR")
+    p.add_argument("--runner", default="local", choices=RUNNERS,
+                   help="local: this process; ray: Ray Data tasks and actors on a local or remote Ray cluster")
+    p.add_argument("--address", help="--runner ray: join this cluster (auto, or ray://HOST:10001); "
+                                     "default: $RAY_ADDRESS, else start a local Ray")
+    p.add_argument("--num-gpus-per-worker", type=float, help="--runner ray: GPUs per model replica (CUDA when > 0)")
+    p.add_argument("--num-cpus-per-worker", type=float, help="--runner ray: CPUs (and inference threads) per replica")
+    p.add_argument("--concurrency", type=int, help="--runner ray: model replicas (default: one per GPU share, "
+                                                   "else 1 up to half the cluster's CPUs)")
+    p.set_defaults(handler=_run)

@@ -1,0 +1,72 @@
+"""What a run is asked to do: `RunConfig`, shared by the local and the Ray runner, and how its options are read."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from gradcam_engine.engine.decode import DEFAULT_MAX_PIXELS
+from gradcam_engine.engine.errors import RunError
+from gradcam_engine.engine.session import SessionOptions
+
+OVERLAYS_ALL = 1 << 62
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything `gradcam run` accepts; the model session's options are nested, not copied."""
+
+    artifact: str
+    inputs: Sequence[str]
+    out: str
+    session: SessionOptions = field(default_factory=SessionOptions)
+    batch_size: int = 32
+    target: str = "predicted"        # predicted | class index | class name
+    overlays: str = "none"           # none | all | N (the first N images)
+    workers: int = 0                 # decode threads; 0 = one per core
+    shard_size: int = 4096           # rows per Parquet shard (also the resume granularity)
+    overwrite: bool = False
+    max_bytes: int = 256 << 20       # larger files are refused before reading
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    progress: bool | None = None     # None: on a terminal only
+
+    def session_options(self, **overrides: object) -> SessionOptions:
+        """The session this run uses: a TensorRT engine cache defaults to the run directory (engines are built for
+        one GPU and one graph, which is what a run directory holds); the Ray runner overrides device and threads."""
+        options = self.session
+        if options.trt and not options.trt_cache:
+            options = dataclasses.replace(options, trt_cache=str(Path(self.out).resolve() / "trt_cache"))
+        return dataclasses.replace(options, **overrides)  # type: ignore[arg-type]
+
+    def check(self) -> None:
+        """Refuse option values that can only fail later."""
+        if self.batch_size < 1:
+            raise RunError("--batch-size must be at least 1")
+        if self.shard_size < 1:
+            raise RunError("--shard-size must be at least 1")
+
+
+def resolve_target(target: str, class_names: list[str]) -> int:
+    """--target -> the class_index fed to the graph (-1 for the predicted class)."""
+    if target == "predicted":
+        return -1
+    if target.lstrip("-").isdigit():
+        index = int(target)
+        if not 0 <= index < len(class_names):
+            raise RunError(f"--target {target}: class index out of range 0..{len(class_names) - 1}")
+        return index
+    if target in class_names:
+        return class_names.index(target)
+    raise RunError(f"--target {target!r}: not 'predicted', an index, or a class name ({', '.join(class_names[:20])})")
+
+
+def parse_overlays(spec: str) -> int:
+    """--overlays -> how many of the first inputs get an overlay."""
+    if spec == "none":
+        return 0
+    if spec == "all":
+        return OVERLAYS_ALL
+    if spec.isdigit():
+        return int(spec)
+    raise RunError(f"--overlays {spec!r}: use none, all or a number")
