@@ -13,14 +13,16 @@ from typing import Any, Callable
 
 import numpy as np
 
-from gradcam_engine.engine import contract as C
 from gradcam_engine.bench import contenders as K
-from gradcam_engine.bench.measure.agreement import compare, mixed_targets
+from gradcam_engine.bench.contenders.models import (FORWARD_ONNX, SEED_RESNET50, BenchModel, default_work_dir,
+                                                    prepare_model)
 from gradcam_engine.bench.errors import BenchError
+from gradcam_engine.bench.measure.agreement import compare, mixed_targets
 from gradcam_engine.bench.measure.images import jpeg_set, path_list, scene_images
 from gradcam_engine.bench.measure.machine import machine_info, rss_mb
-from gradcam_engine.bench.contenders.models import FORWARD_ONNX, SEED_RESNET50, BenchModel, default_work_dir, prepare_model
 from gradcam_engine.bench.measure.timing import Timing, Unit, batched_run, round_robin, summarize
+from gradcam_engine.engine import contract as C
+from gradcam_engine.engine.errors import first_line
 
 Log = Callable[[str], None]
 CONTENDER_GROUPS = ("reference", "onnx", "tf", "tf-xla", "e2e")  # what --backends may name
@@ -78,7 +80,7 @@ def _build(spec: K.Spec, built: Built, shared: dict[str, Any], log: Log) -> None
     try:
         contender = K.make(spec, built.sources, shared)
     except Exception as e:  # an unsupported runtime or precision must not stop the other contenders
-        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        reason = first_line(e, 200)
         built.skipped.append({"contender": label, "reason": reason})
         log(f"skipped {label}: {reason}")
         return
@@ -169,7 +171,7 @@ def check_contenders(built: Built, images: np.ndarray, num_classes: int, log: Lo
         try:
             result = compare(expected, _chunked(c.call, images, class_index, b), c.precision)
         except Exception as e:  # XLA may refuse a graph on first call: the contender is out, the bench goes on
-            result = {"ok": False, "error": str(e).splitlines()[0][:200] if str(e) else type(e).__name__}
+            result = {"ok": False, "error": first_line(e, 200)}
         checks.append({"contender": c.name, "against": baseline.name, **result})
         log(f"check: {c.name} vs {baseline.name}: {'ok' if result['ok'] else 'MISMATCH'} "
             f"{ {k: v for k, v in result.items() if k != 'ok'} }")

@@ -28,3 +28,10 @@ def one_line(value: object, limit: int | None = None) -> str:
     span lines and tracebacks, a user-facing error must not."""
     text = " ".join(str(value).split()) or (type(value).__name__ if isinstance(value, BaseException) else "")
     return text if limit is None or len(text) <= limit else text[:limit - 1] + "…"
+
+
+def first_line(value: object, limit: int | None = None) -> str:
+    """The first non-empty line of a message or exception, as one_line: libraries put the cause first and a stack
+    of context after it."""
+    lines = [line for line in str(value).splitlines() if line.strip()]
+    return one_line(lines[0] if lines else value, limit)

@@ -1,4 +1,5 @@
-"""`run_gradcam_ray`: the local run (engine.local_run) expressed in Ray Data, so every node of a cluster works on one run.
+"""`run_gradcam_ray`: the local run (engine.local_run) expressed in Ray Data, so every node of a cluster works on one
+run.
 
 Stages, as in the local engine: the driver lists the inputs and drops those already committed in results/; decode
 tasks read and decode them (bad inputs become error rows); a pool of actors, one model replica each, runs the graph
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from gradcam_engine.engine.artifact import Artifact, load_artifact
-from gradcam_engine.engine.errors import RunError, UserError
+from gradcam_engine.engine.errors import RunError, UserError, first_line
 from gradcam_engine.engine.inputs import InputItem, list_inputs
 from gradcam_engine.engine.ray_stages import (INDEX, KIND, DecodeSpec, GradCAMActor, decode_batch, probe_replica,
                                               write_batch)
@@ -129,7 +130,7 @@ def ray_session(ray: Any, options: RayOptions) -> Iterator[None]:
             ray.init(address="local", **{"include_dashboard": False, **options.init_kwargs})
     except (ConnectionError, ValueError, RuntimeError) as e:
         raise RunError(f"cannot start or join Ray{f' at {address}' if address else ''}: "
-                       f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                       f"{first_line(e)}") from None
     try:
         yield
     finally:

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from gradcam_engine.engine import contract as C
 from gradcam_engine.engine.artifact import file_table
-from gradcam_engine.engine.errors import one_line
+from gradcam_engine.engine.errors import first_line
 from gradcam_engine.export.errors import ExportError
 
 ModelLike = Any  # a path to a .keras file, a keras.Model, or a (backbone, head) pair of callables
@@ -86,8 +86,7 @@ def _load_keras(path: Path) -> Any:
     try:
         return keras.models.load_model(path, compile=False)
     except Exception as e:  # Keras raises many types for a bad file
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ExportError(f"{path}: not a loadable Keras model ({one_line(first, 200)})") from None
+        raise ExportError(f"{path}: not a loadable Keras model ({first_line(e, 200)})") from None
 
 
 def model_parts(model: ModelLike, options: ExportOptions) -> ModelParts:
@@ -169,7 +168,7 @@ def export_artifact(model: ModelLike, out: str | Path, options: ExportOptions = 
     except Exception as e:
         # AutoGraph wraps errors raised while tracing as "in user code: <stack>"; report the original one.
         cause = getattr(getattr(e, "ag_error_metadata", None), "cause_message", None) or str(e) or type(e).__name__
-        raise ExportError(f"building the Grad-CAM graph failed: {one_line(cause.strip().splitlines()[0], 300)}") \
+        raise ExportError(f"building the Grad-CAM graph failed: {first_line(cause, 300)}") \
             from None
     specs = {k: (v.dtype.name, tuple(v.shape)) for k, v in concrete.structured_outputs.items()}
     num_classes = int(specs[C.PREDICTIONS][1][-1])
@@ -228,7 +227,7 @@ def _write_onnx(path: Path, proto: Any, fn: Any, size: tuple[int, int], options:
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as e:
-        raise ExportError(f"{precision} ONNX model failed onnx.checker: {one_line(str(e).splitlines()[0])}") \
+        raise ExportError(f"{precision} ONNX model failed onnx.checker: {first_line(e)}") \
             from None
     data = proto.SerializeToString()
     checks = verify(fn, data, size, options.verify_batch_sizes, precision=precision)

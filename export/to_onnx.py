@@ -9,7 +9,7 @@ import onnx
 import tensorflow as tf
 
 from gradcam_engine.engine import contract as C
-from gradcam_engine.engine.errors import one_line
+from gradcam_engine.engine.errors import first_line
 from gradcam_engine.export.api import DEFAULT_OPSET
 from gradcam_engine.export.errors import ExportError
 from gradcam_engine.export.parity import compare, failures, worst_of
@@ -23,7 +23,7 @@ def convert(fn: Any, opset: int = DEFAULT_OPSET, metadata: dict[str, str] | None
     try:
         proto, _ = tf2onnx.convert.from_function(fn, input_signature=fn.input_signature, opset=opset)
     except Exception as e:  # tf2onnx raises bare exceptions for unsupported ops
-        raise ExportError(f"ONNX conversion failed: {one_line(str(e).splitlines()[0] if str(e) else e)}") from None
+        raise ExportError(f"ONNX conversion failed: {first_line(e)}") from None
     _fold_captured_constants(proto, fn.get_concrete_function(*fn.input_signature))
     bad = sorted({n.op_type for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
     if bad:
@@ -66,7 +66,7 @@ def verify(fn: Any, model_bytes: bytes, input_size: tuple[int, int], batch_sizes
     try:
         session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types
-        raise ExportError(f"the {precision} ONNX graph does not load in ONNX Runtime: {one_line(e, 300)}") from None
+        raise ExportError(f"the {precision} ONNX graph does not load in ONNX Runtime: {first_line(e, 300)}") from None
     rng = np.random.default_rng(seed)
     runs = []
     for n in batch_sizes:
@@ -77,7 +77,7 @@ def verify(fn: Any, model_bytes: bytes, input_size: tuple[int, int], batch_sizes
             got = dict(zip(C.ENGINE_OUTPUTS, session.run(list(C.ENGINE_OUTPUTS),
                                                          {C.IMAGES: images, C.CLASS_INDEX: class_index})))
         except Exception as e:  # onnxruntime raises its own exception types
-            raise ExportError(f"the {precision} ONNX graph does not run in ONNX Runtime: {one_line(e, 300)}") \
+            raise ExportError(f"the {precision} ONNX graph does not run in ONNX Runtime: {first_line(e, 300)}") \
                 from None
         runs.append(compare(ref, got))
     worst = worst_of(runs)

@@ -15,7 +15,8 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from gradcam_engine.bench.measure.images import scene_images  # the scenes the benchmarks use: structured, so CAMs have a shape
+# The scenes the benchmarks use: structured, so CAMs have a shape.
+from gradcam_engine.bench.measure.images import scene_images
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -206,7 +207,8 @@ def small_cnn_case(artifacts_dir: Path) -> ExportedCase:
 
 @pytest.fixture(scope="session")
 def efficientnet_case(artifacts_dir: Path) -> ExportedCase:
-    """EfficientNetB0 at top level (its own rescaling inside the model, so no preprocessing) + GAP + Dense(5, softmax)."""
+    """EfficientNetB0 at top level (its own rescaling inside the model, so no preprocessing) + GAP + Dense(5,
+    softmax)."""
     import keras
 
     from gradcam_engine.export import ExportOptions, export_artifact

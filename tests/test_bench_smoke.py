@@ -99,8 +99,9 @@ def test_a_contenders_memory_is_measured_alone_in_a_fresh_process(bench_run: dic
 
     model = bench_run["report"]["model"]
     sources = Sources(model["artifact"], model["keras"], model["preprocessing"], None)
-    result = run_worker("gradcam_engine.bench.measure.memory_worker", [json.dumps(asdict(Spec(GRADCAM, "onnx"))), json.dumps(asdict(sources)),
-                                                "--batch-size", "4", "--size", "32", "32"])
+    result = run_worker("gradcam_engine.bench.measure.memory_worker",
+                        [json.dumps(asdict(Spec(GRADCAM, "onnx"))), json.dumps(asdict(sources)), "--batch-size", "4",
+                         "--size", "32", "32"])
     assert result["batch_size"] == 4
     assert 0 < result["baseline_rss_mb"] <= result["loaded_rss_mb"] <= result["peak_rss_mb"] < 2048
 

@@ -165,7 +165,8 @@ def test_command_line_exits_non_zero_without_traceback(models, out_parent) -> No
     """The real `python -m engine.cli` process, not main() in-process."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-m", "gradcam_engine.cli", "export", str(models["softplus_head"]), "--out", str(out_parent / "a")],
+        [sys.executable, "-m", "gradcam_engine.cli", "export", str(models["softplus_head"]), "--out",
+         str(out_parent / "a")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout

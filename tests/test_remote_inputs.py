@@ -1,4 +1,5 @@
-"""Inputs named by URI go through pyarrow.fs; file:// URIs exercise the same code as s3:// or gs:// without a network."""
+"""Inputs named by URI go through pyarrow.fs; file:// URIs exercise the same code as s3:// or gs:// without a
+network."""
 from __future__ import annotations
 
 import io

@@ -1,4 +1,5 @@
-"""pytest-benchmark suite setup: `pytest bench/benchmarks --benchmark-only` times the same contenders as `gradcam bench`.
+"""pytest-benchmark suite setup: `pytest bench/benchmarks --benchmark-only` times the contenders `gradcam bench`
+times.
 
 Options: --bench-model (seed-resnet50, a .keras file or an artifact directory), --bench-batch-sizes, --bench-images,
 --bench-work-dir. The model is exported once and cached like `gradcam bench` does; every contender is built once per

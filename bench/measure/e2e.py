@@ -77,5 +77,6 @@ def fresh_process_run(artifact: Path, list_file: Path, out: Path, batch_size: in
     """One end-to-end run in a new Python process; returns its throughput and peak resident memory."""
     from gradcam_engine.bench.measure.fresh import run_worker
 
-    return run_worker("gradcam_engine.bench.measure.e2e_worker", [str(artifact), str(list_file), str(out), "--batch-size", str(batch_size),
-                                           "--backend", backend, "--device", device], timeout)
+    return run_worker("gradcam_engine.bench.measure.e2e_worker",
+                      [str(artifact), str(list_file), str(out), "--batch-size", str(batch_size), "--backend", backend,
+                       "--device", device], timeout)

@@ -1,8 +1,8 @@
 """Threads or processes for decoding? Measured side by side on the same JPEG files, as the engine decodes them.
 
-`python -m gradcam_engine.bench.tools.decode_workers [--images 400] [--workers N] [--size 224]` prints img/s for: one thread, a thread
-pool, and a process pool (pixels pickled back to the parent, as a process-based pipeline must). The engine uses
-threads; this is the measurement behind that choice.
+`python -m gradcam_engine.bench.tools.decode_workers [--images 400] [--workers N] [--size 224]` prints img/s for:
+one thread, a thread pool, and a process pool (pixels pickled back to the parent, as a process-based pipeline
+must). The engine uses threads; this is the measurement behind that choice.
 """
 from __future__ import annotations
 
