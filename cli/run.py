@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from gradcam_engine.cli.options import default
 from gradcam_engine.engine.errors import RunError
@@ -21,10 +22,20 @@ def config_from(args: argparse.Namespace) -> RunConfig:
         cuda_graph=args.cuda_graph, trt=args.trt)
     return RunConfig(artifact=args.artifact, inputs=args.inputs, out=args.out, session=session,
                      batch_size=args.batch_size, target=args.target, overlays=args.overlays, workers=args.workers,
-                     shard_size=args.shard_size, overwrite=args.overwrite)
+                     shard_size=args.shard_size, commit_seconds=args.commit_seconds, overwrite=args.overwrite)
 
 
 def _run(args: argparse.Namespace) -> int:
+    from gradcam_engine.engine.signals import RunInterrupted
+
+    try:
+        return _start(args)
+    except RunInterrupted as e:
+        print(f"gradcam run: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+def _start(args: argparse.Namespace) -> int:
     config = config_from(args)
     ray_flags = {name: getattr(args, name) for name in RAY_FLAGS if getattr(args, name) is not None}
     if args.runner == "ray":
@@ -61,6 +72,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="inference threads (default: the runtime's)")
     p.add_argument("--shard-size", type=int, default=default(RunConfig, "shard_size"),
                    help="rows per Parquet shard (resume granularity)")
+    p.add_argument("--commit-seconds", type=float, default=default(RunConfig, "commit_seconds"),
+                   help="also commit a shard once its first row is this many seconds old (bounds what a kill loses)")
     p.add_argument("--overwrite", action="store_true", help="replace results of a different earlier run")
     p.add_argument("--precision", default=default(SessionOptions, "precision"), choices=PRECISIONS,
                    help="auto: fp16 on CUDA when the artifact has it, else fp32")

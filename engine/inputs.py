@@ -4,16 +4,19 @@ A run takes specs (directories, glob patterns, path lists, tar shards, single im
 s3://bucket/prefix/) and turns them into one deterministic list of items. Every spec is expanded by the same rules
 through `engine.storage`, whatever holds its bytes: a directory or prefix is walked, a `.txt`/`.lst` file is a path
 list, a `.tar` file is a shard of images. Each item's key is how the image is named in the results, so the same specs
-always give the same rows in the same order.
+always give the same rows in the same order. Two spellings of one input (relative or absolute, `a/./b`, a folder
+reached through a symlink) have one `identity`, which is what deduplicates a listing and tells a resumed run what is
+done.
 """
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
 import re
 import tarfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,8 +35,8 @@ MAX_PATH_LIST_BYTES = 1 << 30  # a path list is read whole: 1 GiB is tens of mil
 IMAGE = "file"        # an image file or object, named by its path or URI
 TAR_MEMBER = "tar"    # an image inside a tar shard
 
-__all__ = ["IMAGE", "TAR_MEMBER", "InputError", "InputItem", "InputListing", "ReadError", "list_inputs",
-           "read_bytes", "split_tar_key"]
+__all__ = ["IMAGE", "TAR_MEMBER", "InputError", "InputItem", "InputListing", "ReadError", "identity",
+           "list_inputs", "normalise_spec", "read_bytes", "split_tar_key"]
 
 
 @dataclass(frozen=True)
@@ -68,8 +71,9 @@ def _is_image(storage: Storage, location: str) -> bool:
 def list_inputs(specs: Sequence[str]) -> InputListing:
     """Expand the specs, in the order given, into one deduplicated list of items so every run is reproducible."""
     items: list[InputItem] = []
-    seen: set[tuple[str, str]] = set()
+    seen: set[str] = set()
     skipped = 0
+    identities = Identities(os.getcwd())
     for spec in specs:
         try:
             found, spec_skipped = _expand_spec(spec)
@@ -77,9 +81,9 @@ def list_inputs(specs: Sequence[str]) -> InputListing:
             raise InputError(f"{spec}: {exc}") from None
         skipped += spec_skipped
         for item in found:
-            identity = _identity(item)
-            if identity not in seen:
-                seen.add(identity)
+            key = identities(item.key)
+            if key not in seen:
+                seen.add(key)
                 items.append(item)
     return InputListing(items=items, skipped_non_image=skipped)
 
@@ -119,7 +123,7 @@ def _expand_entry(storage: Storage, location: str, kind: Kind, explicit: bool) -
 
 def _expand_glob(pattern: str) -> tuple[list[InputItem], int]:
     """Each match is expanded like a directory entry: directories are walked, tar shards listed, images kept."""
-    matches = sorted(glob.glob(pattern, recursive=True))
+    matches = sorted(set(glob_matches(pattern)))
     if not matches:
         raise InputError(f"{pattern}: no file matches this pattern")
     storage = storage_for(pattern)
@@ -137,6 +141,59 @@ def _expand_glob(pattern: str) -> tuple[list[InputItem], int]:
     return items, skipped
 
 
+def glob_matches(pattern: str) -> Iterator[str]:
+    """What glob.glob(pattern, recursive=True) matches, except that a wildcard never enters a symlinked directory:
+    glob follows them, so a link to a parent folder repeats every image under it (or never ends). Names typed
+    without wildcards are followed, as the user named them; hidden names match only a pattern that starts with '.'.
+    """
+    drive_root = os.sep if pattern.startswith(os.sep) else ""
+    parts = [part for part in pattern.split(os.sep) if part]
+    return _glob_from(drive_root, parts)
+
+
+def _glob_from(root: str, parts: list[str]) -> Iterator[str]:
+    if not parts:
+        yield root
+        return
+    head, rest = parts[0], parts[1:]
+    if head == "**":
+        yield from _glob_from(root, rest)  # ** matches no directory at all
+        for entry in _scan(root):
+            if not entry.name.startswith(".") and entry.is_dir(follow_symlinks=False):
+                yield from _glob_from(entry.path if root else entry.name, parts)
+        if not rest:  # a trailing ** also matches the files under it
+            for entry in _scan(root):
+                if not entry.name.startswith(".") and not entry.is_dir(follow_symlinks=False):
+                    yield entry.path if root else entry.name
+        return
+    if not glob.has_magic(head):
+        path = os.path.join(root, head) if root else head
+        if not rest:
+            if os.path.lexists(path):
+                yield path
+        elif os.path.isdir(path):
+            yield from _glob_from(path, rest)
+        return
+    for entry in _scan(root):
+        if entry.name.startswith(".") and not head.startswith("."):
+            continue
+        if not fnmatch.fnmatchcase(entry.name, head):
+            continue
+        path = entry.path if root else entry.name
+        if not rest:
+            yield path
+        elif entry.is_dir(follow_symlinks=False):
+            yield from _glob_from(path, rest)
+
+
+def _scan(root: str) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(root or ".") as entries:
+            return list(entries)
+    except OSError:
+        return []
+
+
 def _walk(storage: Storage, root: str) -> tuple[list[InputItem], int]:
     """Image files under root, in path order; symlinked directories are not followed."""
     files = storage.list_files(root)
@@ -145,18 +202,24 @@ def _walk(storage: Storage, root: str) -> tuple[list[InputItem], int]:
 
 
 def _read_path_list(storage: Storage, list_location: str) -> list[InputItem]:
-    """One item per non-blank, non-comment line, so every listed path gets a result row; a line that is not a URI
-    is relative to the list's own location."""
+    """One item per non-empty line, taken verbatim (spaces and a leading '#' are part of the name), so every listed
+    path gets a result row. Lines end in \\n or \\r\\n; bytes that are not UTF-8 stay the exact bytes of a file name
+    (a NUL byte, which no name holds, marks a file that is not a list). A line that is not a URI is relative to the
+    list's own location."""
     try:
         data = storage.read(list_location, MAX_PATH_LIST_BYTES)
         if len(data) > MAX_PATH_LIST_BYTES:
             raise InputError(f"{list_location}: path list over {MAX_PATH_LIST_BYTES} bytes; split it")
-        text = data.decode("utf-8")
-    except (StorageError, UnicodeDecodeError) as exc:
+    except StorageError as exc:
         raise InputError(f"{list_location}: cannot read the path list ({one_line(exc)})") from None
-    lines = (line.strip() for line in text.splitlines())
-    return [InputItem(line if is_uri(line) else storage.resolve(list_location, line), IMAGE)
-            for line in lines if line and not line.startswith("#")]
+    if b"\0" in data:  # no file name holds one: this is not a list of paths
+        raise InputError(f"{list_location}: cannot read the path list (it holds NUL bytes: not text)")
+    items = []
+    for raw in data.split(b"\n"):
+        line = os.fsdecode(raw[:-1] if raw.endswith(b"\r") else raw)
+        if line:
+            items.append(InputItem(line if is_uri(line) else storage.resolve(list_location, line), IMAGE))
+    return items
 
 
 def _list_tar(storage: Storage, tar_location: str) -> tuple[list[InputItem], int]:
@@ -175,11 +238,43 @@ def _list_tar(storage: Storage, tar_location: str) -> tuple[list[InputItem], int
     return items, skipped
 
 
-def _identity(item: InputItem) -> tuple[str, str]:
-    if item.kind == TAR_MEMBER:
-        tar_location, member = split_tar_key(item.key)
-        return item.kind, storage_for(tar_location).identity(tar_location) + TAR_SEPARATOR + member
-    return item.kind, storage_for(item.key).identity(item.key)
+class Identities:
+    """identity() with a cache of resolved folders, for listing or checking many keys at once."""
+
+    def __init__(self, base: str):
+        self.base = base
+        self._folders: dict[str, str] = {}
+
+    def __call__(self, key: str) -> str:
+        try:
+            location, member = split_tar_key(key)
+        except ValueError:
+            return self._location(key)
+        return self._location(location) + TAR_SEPARATOR + member
+
+    def _location(self, location: str) -> str:
+        if is_uri(location):
+            return storage_for(location).identity(location)
+        path = os.path.normpath(os.path.join(self.base, location))
+        folder, name = os.path.split(path)
+        real = self._folders.get(folder)
+        if real is None:
+            real = self._folders[folder] = os.path.realpath(folder)
+        return os.path.join(real, name)
+
+
+def identity(key: str, base: str) -> str:
+    """One name for every spelling of an input's key: absolute, normalised, its folder's symlinks resolved (the file
+    itself is not: two links to one image are two inputs); `base` is the directory a relative key starts from."""
+    return Identities(base)(key)
+
+
+def normalise_spec(spec: str) -> str:
+    """An input spec as a run's fingerprint compares it: absolute and resolved (a trailing slash, a relative path or
+    a symlinked folder name the same input)."""
+    if is_uri(spec):
+        return storage_for(spec).identity(spec)
+    return os.path.realpath(spec)
 
 
 # The archive's name ends in ".tar" (a URI's may carry options after it), so the first separator after that is the

@@ -5,7 +5,9 @@ that size), colouring is one table lookup, blending one expression; no loop touc
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -13,8 +15,10 @@ import numpy as np
 
 from gradcam_engine.engine import contract as C
 from gradcam_engine.engine.pipeline import LoadedBatch
+from gradcam_engine.engine.results import path_text
 
 OVERLAY_DIR = "overlays"
+_UNSAFE = re.compile(r"[^\w.+-]+")
 
 HEAT_WEIGHT, IMAGE_WEIGHT = 0.6, 0.4
 
@@ -80,10 +84,16 @@ def overlays(images: list[np.ndarray], cams: np.ndarray) -> list[np.ndarray]:
     return out  # type: ignore[return-value]
 
 
-def write_overlays(folder: Path, batch: LoadedBatch, outputs: dict[str, np.ndarray] | None,
-                   order: dict[str, int]) -> None:
-    """One JPEG per input of the batch that kept its full-size image, named by its place in the listing so the
-    files sort like the inputs; each appears atomically."""
+def overlay_name(path: str) -> str:
+    """The overlay file of a results row, from its `path` alone: the image's name (made file-name safe) and the
+    first 12 hex digits of sha256(path), so names never depend on listing positions and never collide."""
+    stem = _UNSAFE.sub("_", os.path.splitext(path.split("::")[-1].rsplit("/", 1)[-1])[0])[:80]
+    return f"{stem}_{hashlib.sha256(path.encode()).hexdigest()[:12]}.jpg"
+
+
+def write_overlays(folder: Path, batch: LoadedBatch, outputs: dict[str, np.ndarray] | None) -> None:
+    """One JPEG per input of the batch that kept its full-size image, named by overlay_name; each appears
+    atomically."""
     from PIL import Image
 
     chosen = [(i, x) for i, x in enumerate(batch.good) if x.image.original is not None]
@@ -92,8 +102,11 @@ def write_overlays(folder: Path, batch: LoadedBatch, outputs: dict[str, np.ndarr
     folder.mkdir(parents=True, exist_ok=True)
     cams = outputs[C.CAM][[i for i, _ in chosen]]
     for (_, x), overlay in zip(chosen, overlays([x.image.original for _, x in chosen], cams)):
-        stem = Path(x.key.split("::")[-1]).stem[:80]
-        target = folder / f"{order[x.key]:09d}_{stem}.jpg"
+        target = folder / overlay_name(path_text(x.key))
         tmp = target.with_name(f".{target.name}.tmp")
-        Image.fromarray(overlay).save(tmp, format="JPEG", quality=90)
-        os.replace(tmp, target)
+        try:
+            Image.fromarray(overlay).save(tmp, format="JPEG", quality=90)
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise

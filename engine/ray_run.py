@@ -1,12 +1,15 @@
 """`run_gradcam_ray`: the local run (engine.local_run) expressed in Ray Data, so every node of a cluster works on one
 run.
 
-Stages, as in the local engine: the driver lists the inputs and drops those already committed in results/; decode
-tasks read and decode them (bad inputs become error rows); a pool of actors, one model replica each, runs the graph
-and builds the result rows; writer tasks commit each batch of rows as one Parquet shard, overlays first. The run
-directory (results/ schema, shard names, run.json and its fingerprint) is the local runner's, so either runner can
-resume a run the other started. Rows inside a shard are in input order; which inputs share a shard, and the order in
-which shards appear, depend on scheduling.
+Stages, as in the local engine: the driver takes the run directory's lock, lists the inputs and drops those already
+committed and verified in results/; decode tasks read and decode them (bad inputs become error rows); a pool of
+actors, one model replica each, runs the graph and builds the result rows; writer tasks write each batch of rows as
+one Parquet shard (overlays first), read it back, checksum it and rename it into results/ while the driver's lock
+is still theirs; the driver journals every shard they return. The run directory (results/ schema, journal, run.json
+and its fingerprint) is the local runner's, so either runner can resume a run the other started. Rows inside a
+shard are in input order; which inputs share a shard, and the order in which shards appear, depend on scheduling.
+The first SIGINT/SIGTERM stops the driver taking more shards; shards a writer renamed but the driver never journaled
+are verified and adopted by the next run.
 
 Ray is imported inside the functions only: importing this module (the CLI does) works without Ray installed.
 """
@@ -23,11 +26,13 @@ from typing import Any, Iterator, Mapping
 from gradcam_engine.engine.artifact import Artifact, load_artifact
 from gradcam_engine.engine.errors import RunError, UserError, first_line
 from gradcam_engine.engine.inputs import InputItem, list_inputs
-from gradcam_engine.engine.ray_stages import (INDEX, KIND, DecodeSpec, GradCAMActor, decode_batch, probe_replica,
-                                              write_batch)
+from gradcam_engine.engine.ray_stages import (INDEX, KIND, CommitSpec, DecodeSpec, GradCAMActor, decode_batch,
+                                              probe_replica, write_batch)
+from gradcam_engine.engine.results import ShardRecord, path_text
 from gradcam_engine.engine.run_config import RunConfig, parse_overlays, resolve_target
 from gradcam_engine.engine.rundir import RunDirectory, RunSummary, fingerprint
 from gradcam_engine.engine.session import SessionOptions
+from gradcam_engine.engine.signals import GracefulStop, RunInterrupted
 
 MAX_INPUT_BLOCKS = 4096  # blocks the input list is cut into: enough to spread decoding, few enough to schedule
 
@@ -87,9 +92,24 @@ def probe(ray: Any, artifact: str, session_options: SessionOptions, options: Ray
     try:
         return tuple(ray.get(task.remote(artifact, session_options)))  # type: ignore[return-value]
     except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, UserError):
-            raise e.cause from None
+        cause = user_cause(e)
+        if cause is not None:
+            raise cause from None
         raise
+
+
+def user_cause(error: BaseException) -> UserError | None:
+    """The user-fixable error a Ray task failed with (a full or read-only disk becomes one), wherever Ray wrapped it."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, UserError):
+            return error
+        if isinstance(error, OSError) and error.errno is not None:
+            return RunError(f"a writer task: {error.strerror} ({error.filename or 'run directory'}); nothing "
+                            "committed is lost: fix the cause and rerun the same command")
+        error = getattr(error, "cause", None) or error.__cause__ or error.__context__  # type: ignore[assignment]
+    return None
 
 
 def actor_pool(ray: Any, options: RayOptions) -> Any:
@@ -151,11 +171,14 @@ def progress_bars(ray: Any, enabled: bool | None) -> Iterator[None]:
 
 
 def build_dataset(ray: Any, pending: list[tuple[int, InputItem]], config: RunConfig, options: RayOptions,
-                  artifact: Artifact, session_options: SessionOptions, class_index: int, overlay_limit: int) -> Any:
+                  artifact: Artifact, session_options: SessionOptions, class_index: int, overlay_limit: int,
+                  run_dir: RunDirectory) -> Any:
     """The run's Ray Data plan: inputs -> decode tasks -> replica actors -> writer tasks (one row per shard)."""
-    run_dir = RunDirectory(Path(config.out).resolve())
     spec = DecodeSpec(artifact.input_size, config.max_bytes, config.max_pixels, os.getcwd())
-    items = [{"path": item.key, KIND: item.kind, INDEX: index} for index, item in pending]
+    root = run_dir.out.resolve()
+    commit = CommitSpec(str(root), str(root / run_dir.results.name), str(root / run_dir.staging.name),
+                        str(root / run_dir.overlays.name), run_dir.attempt, run_dir.lock.token())
+    items = [{"path": path_text(item.key), KIND: item.kind, INDEX: index} for index, item in pending]
     return (ray.data.from_items(items, override_num_blocks=input_blocks(len(items), config.batch_size))
             .map_batches(decode_batch, batch_size=config.batch_size, batch_format="numpy",
                          fn_kwargs={"spec": spec})
@@ -165,8 +188,7 @@ def build_dataset(ray: Any, pending: list[tuple[int, InputItem]], config: RunCon
                          fn_constructor_kwargs={"artifact": str(artifact.root.resolve()), "options": session_options,
                                                 "class_index": class_index})
             .map_batches(write_batch, batch_size=config.shard_size, batch_format="pyarrow",
-                         fn_kwargs={"results_dir": str(run_dir.results), "overlay_dir": str(run_dir.overlays),
-                                    "overlay_limit": overlay_limit, "spec": spec}))
+                         fn_kwargs={"commit": commit, "overlay_limit": overlay_limit, "spec": spec}))
 
 
 def run_gradcam_ray(config: RunConfig, options: RayOptions = RayOptions()) -> RunSummary:
@@ -180,25 +202,41 @@ def run_gradcam_ray(config: RunConfig, options: RayOptions = RayOptions()) -> Ru
     artifact = load_artifact(config.artifact, verify=[])  # each replica checks the model file it loads
     class_index = resolve_target(config.target, artifact.class_names)
     run_dir = RunDirectory(config.out)
-    with ray_session(ray, options), progress_bars(ray, config.progress):
+    with ray_session(ray, options), progress_bars(ray, config.progress), GracefulStop() as stop:
         device, precision = probe(ray, str(artifact.root.resolve()), session_options, options)
         run_fingerprint = fingerprint(config, artifact.checksum, class_index, precision)
-        run_dir.prepare(run_fingerprint, config.overwrite)
-        pending = run_dir.pending(listing)
-        ray_info = {**{k: (dict(v) if isinstance(v, Mapping) else v) for k, v in asdict(options).items()},
-                    "cluster": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}}
-        run_dir.start(config, run_fingerprint, device, precision, runner="ray", ray=ray_info,
-                      versions={"ray": ray.__version__})
-        start = time.perf_counter()
-        written = 0
-        if pending:
-            dataset = build_dataset(ray, pending, config, options, artifact, session_options, class_index,
-                                    overlay_limit)
-            for shard in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-                written += int(shard["rows"].sum())
-        seconds = time.perf_counter() - start
-    if written != len(pending):
-        raise RunError(f"{config.out}: the Ray run wrote {written} of {len(pending)} rows; run it again to "
-                       "complete it")
-    return run_dir.finish(listing, len(pending), seconds, device, f"{config.session.backend} {precision}",
-                          {"overlays": overlay_limit > 0 and bool(listing.items), "runner": "ray"})
+        backend = f"{config.session.backend} {precision}"
+        extra = {"overlays": overlay_limit > 0 and bool(listing.items), "runner": "ray"}
+        if stop.requested is not None:
+            raise RunInterrupted("interrupted before the run started; nothing was written", stop.requested)
+        with run_dir.opened(run_fingerprint, config.overwrite):
+            stop.on_abort = run_dir.abort
+            pending = run_dir.pending(listing)
+            ray_info = {**{k: (dict(v) if isinstance(v, Mapping) else v) for k, v in asdict(options).items()},
+                        "cluster": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}}
+            run_dir.start(config, run_fingerprint, device, precision, overlays=bool(extra["overlays"]),
+                          runner="ray", ray=ray_info, versions={"ray": ray.__version__})
+            start = time.perf_counter()
+            if pending:
+                dataset = build_dataset(ray, pending, config, options, artifact, session_options, class_index,
+                                        overlay_limit, run_dir)
+                try:
+                    for shard in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                        for i in range(len(shard["shard"])):
+                            run_dir.record(ShardRecord(str(shard["shard"][i]), int(shard["rows"][i]),
+                                                       str(shard["sha256"][i]), int(shard["bytes"][i])))
+                        if stop.requested is not None:
+                            break
+                except Exception as e:
+                    cause = user_cause(e)
+                    if cause is not None:
+                        raise cause from None
+                    raise
+            seconds = time.perf_counter() - start
+            if stop.requested is not None:
+                raise run_dir.interrupted(stop.requested, listing, seconds, device, backend, extra)
+            written = run_dir.committed_this_run
+            if written != len(pending):
+                raise RunError(f"{config.out}: the Ray run wrote {written} of {len(pending)} rows; run it again to "
+                               "complete it")
+            return run_dir.finish(listing, written, seconds, device, backend, extra)

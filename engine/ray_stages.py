@@ -5,8 +5,10 @@ and shard writer of engine.results, engine.overlay's writer), so a row written h
 writes.
 Ray Data calls them in its tasks and actors; they can equally be called on plain dicts, which is how they are tested.
 
-Columns between the stages: `path` (the input's key, as in the results), `_kind` (image or tar member) and `_index` (its
-position in the listing: names shards and overlays); after decoding also `images`, `ok`, `error`, `width`, `height`.
+Columns between the stages: `path` (the input's key as the results write it, engine.results.path_text: valid UTF-8
+for any file name, turned back into the exact name where a file is read), `_kind` (image or tar member) and `_index`
+(its position in the listing: orders a shard's rows, selects overlays); after decoding also `images`, `ok`, `error`,
+`width`, `height`.
 """
 from __future__ import annotations
 
@@ -22,7 +24,9 @@ from gradcam_engine.engine.decode import DecodedImage
 from gradcam_engine.engine.inputs import InputItem
 from gradcam_engine.engine.overlay import write_overlays
 from gradcam_engine.engine.pipeline import Loaded, LoadedBatch, load
-from gradcam_engine.engine.results import SCHEMA, batch_rows, to_table, write_shard
+from gradcam_engine.engine.results import (SCHEMA, batch_rows, new_token, path_key, publish_shard, shard_name,
+                                           stage_shard, to_table)
+from gradcam_engine.engine.runlock import lock_token_matches
 from gradcam_engine.engine.session import GradCAMSession, SessionOptions
 from gradcam_engine.engine.storage import is_uri
 
@@ -47,7 +51,8 @@ class DecodeSpec:
 
 
 def load_key(key: str, kind: str, spec: DecodeSpec, keep_original: bool) -> Loaded:
-    """engine.pipeline.load for one key, read relative to the driver's directory but reported under the key itself."""
+    """engine.pipeline.load for one key (the exact name, not its results text), read relative to the driver's
+    directory but reported under the key itself."""
     readable = key if is_uri(key) or os.path.isabs(key) else os.path.join(spec.base, key)  # a URI names its store
     loaded = load(InputItem(readable, kind), spec.size, spec.max_bytes, spec.max_pixels, keep_original)
     return dataclasses.replace(loaded, key=key)
@@ -55,14 +60,14 @@ def load_key(key: str, kind: str, spec: DecodeSpec, keep_original: bool) -> Load
 
 def decode_batch(batch: Columns, spec: DecodeSpec) -> Columns:
     """Decode task: pixels for the inputs that decode, an error (and zero pixels) for those that do not."""
-    keys, kinds = [str(k) for k in batch["path"]], [str(k) for k in batch[KIND]]
-    loaded = [load_key(key, kind, spec, keep_original=False) for key, kind in zip(keys, kinds)]
+    texts, kinds = [str(k) for k in batch["path"]], [str(k) for k in batch[KIND]]
+    loaded = [load_key(path_key(text), kind, spec, keep_original=False) for text, kind in zip(texts, kinds)]
     images = np.zeros((len(loaded), *spec.size, 3), np.uint8)
     for i, x in enumerate(loaded):
         if x.image is not None:
             images[i] = x.image.pixels
     return {
-        "path": np.array(keys, dtype=object), KIND: np.array(kinds, dtype=object),
+        "path": np.array(texts, dtype=object), KIND: np.array(kinds, dtype=object),
         INDEX: np.asarray(batch[INDEX], np.int64), C.IMAGES: images,
         OK: np.array([x.image is not None for x in loaded], bool),
         ERROR: np.array([x.error or "" for x in loaded], dtype=object),
@@ -73,9 +78,10 @@ def decode_batch(batch: Columns, spec: DecodeSpec) -> Columns:
 
 def as_loaded(batch: Columns) -> list[Loaded]:
     """Decoded columns back into the local engine's Loaded records, so its row builder can be reused as is."""
-    return [Loaded(str(key), image=DecodedImage(batch[C.IMAGES][i], int(batch[WIDTH][i]), int(batch[HEIGHT][i])))
-            if batch[OK][i] else Loaded(str(key), error=str(batch[ERROR][i]))
-            for i, key in enumerate(batch["path"])]
+    return [Loaded(path_key(str(text)), image=DecodedImage(batch[C.IMAGES][i], int(batch[WIDTH][i]),
+                                                          int(batch[HEIGHT][i])))
+            if batch[OK][i] else Loaded(path_key(str(text)), error=str(batch[ERROR][i]))
+            for i, text in enumerate(batch["path"])]
 
 
 def with_position(table: pa.Table, batch: Columns) -> pa.Table:
@@ -108,17 +114,36 @@ def probe_replica(artifact: str, options: SessionOptions) -> tuple[str, str]:
     return session.device, session.precision
 
 
-def write_batch(table: pa.Table, results_dir: str, overlay_dir: str, overlay_limit: int,
-                spec: DecodeSpec) -> Columns:
-    """Writer task: overlays, then the rows as one atomically renamed shard, so a committed row has its overlay."""
+@dataclasses.dataclass(frozen=True)
+class CommitSpec:
+    """Where and under which lock a writer task commits: a shard is renamed into results/ only while the driver
+    that started this attempt still holds the run directory's lock."""
+
+    run_dir: str
+    results_dir: str
+    staging_dir: str
+    overlay_dir: str
+    attempt: str
+    lock_token: str
+
+
+def write_batch(table: pa.Table, commit: CommitSpec, overlay_limit: int, spec: DecodeSpec) -> Columns:
+    """Writer task: overlays, then the rows as one shard, written, read back, checksummed and renamed into results/,
+    so a committed row has its overlay; the driver journals the record this returns."""
     table = table.sort_by(INDEX)
     index = table.column(INDEX).to_numpy()
     if overlay_limit and int(index[0]) < overlay_limit:
         write_table_overlays(table.filter(pc.less(table.column(INDEX), overlay_limit)),
-                             Path(overlay_dir), spec)
-    shard = write_shard(Path(results_dir), table.select(SCHEMA.names).cast(SCHEMA), int(index[0]), int(index[-1]))
+                             Path(commit.overlay_dir), spec)
+    name = shard_name(commit.attempt, new_token())
+    tmp, record = stage_shard(Path(commit.staging_dir), table.select(SCHEMA.names).cast(SCHEMA), name, spec.base)
+    if not lock_token_matches(Path(commit.run_dir), commit.lock_token):  # the driver is gone or was replaced
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"{commit.run_dir}: the run lock is no longer this run's; shard not committed")
+    publish_shard(tmp, Path(commit.results_dir), name)
     statuses = table.column("status").to_pylist()
-    return {"shard": np.array([shard.name], dtype=object), "rows": np.array([table.num_rows], np.int64),
+    return {"shard": np.array([name], dtype=object), "rows": np.array([record.rows], np.int64),
+            "sha256": np.array([record.sha256], dtype=object), "bytes": np.array([record.bytes], np.int64),
             "ok": np.array([statuses.count("ok")], np.int64)}
 
 
@@ -129,9 +154,7 @@ def write_table_overlays(table: pa.Table, folder: Path, spec: DecodeSpec) -> Non
         return
     h, w = int(ok.column("cam_height")[0].as_py()), int(ok.column("cam_width")[0].as_py())
     cams = ok.column("cam").combine_chunks().flatten().to_numpy().reshape(ok.num_rows, h, w)
-    keys, kinds = ok.column("path").to_pylist(), ok.column(KIND).to_pylist()
+    keys, kinds = [path_key(t) for t in ok.column("path").to_pylist()], ok.column(KIND).to_pylist()
     loaded = [load_key(key, kind, spec, keep_original=True) for key, kind in zip(keys, kinds)]
     kept = [i for i, x in enumerate(loaded) if x.image is not None]  # an input changed since decoding gets none
-    order = dict(zip(keys, ok.column(INDEX).to_pylist()))
-    write_overlays(folder, LoadedBatch([loaded[i] for i in kept]), {C.CAM: cams[kept]}, order)
-
+    write_overlays(folder, LoadedBatch([loaded[i] for i in kept]), {C.CAM: cams[kept]})

@@ -1,12 +1,21 @@
 """The results dataset: one Parquet row per input, written in shards that appear atomically.
 
-A shard is written under a temporary name and renamed into place, so a reader (or a resumed run) only ever sees
-whole shards; anything half-written by a killed process is a `.tmp` file that the next run deletes.
+A shard is written in the run directory's staging folder, read back whole, checksummed, and only then renamed into
+results/, so results/ only ever holds whole shards; the run directory's journal (engine.journal) records each one.
+Shard names carry the attempt that wrote them and a counter or random token, never listing positions, so a later
+run can never write a shard over an earlier one.
+
+`path` holds each input's key as text. File names the OS allows need not be valid UTF-8 (Python carries their
+undecodable bytes as surrogates); such a byte is written as `\\xNN` and a backslash as `\\\\`, so the column
+is always valid UTF-8 and `path_key` turns it back into the exact name.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -18,6 +27,8 @@ from gradcam_engine.engine import contract as C
 from gradcam_engine.engine.pipeline import LoadedBatch
 
 RESULTS_DIR = "results"
+SHARD_PREFIX, SHARD_SUFFIX = "part-", ".parquet"
+BASE_KEY = b"gradcam.base"  # Parquet key-value metadata: the directory relative paths in this shard start from
 
 SCHEMA = pa.schema([
     ("path", pa.string()),
@@ -41,6 +52,45 @@ DICTIONARY_COLUMNS = ["status", "error", "width", "height", "predicted_class", "
                       "cam_height", "cam_width"]
 
 
+_ESCAPED = re.compile(r"\\(\\|x([89a-f][0-9a-f])|u(d[89a-f][0-9a-f]{2}))")
+
+
+def path_text(key: str) -> str:
+    """An input's key as the results' `path`: valid UTF-8 whatever bytes the file name holds, and reversible.
+
+    An undecodable byte NN (Python's surrogate U+DCNN) becomes `\\xNN`, any other lone surrogate `\\uDXXX`, and a
+    backslash `\\\\`; every other character is kept. Escaping the backslash is what makes the mapping one-to-one.
+    """
+    if key.isascii() and "\\" not in key:
+        return key
+    out = []
+    for ch in key:
+        if ch == "\\":
+            out.append("\\\\")
+        elif "\udc80" <= ch <= "\udcff":
+            out.append(f"\\x{ord(ch) - 0xdc00:02x}")
+        elif "\ud800" <= ch <= "\udfff":
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def path_key(text: str) -> str:
+    """The inverse of path_text: the exact key (file name bytes as Python holds them) of a results `path`."""
+    if "\\" not in text:
+        return text
+
+    def unescape(match: re.Match[str]) -> str:
+        if match.group(2):
+            return chr(0xdc00 + int(match.group(2), 16))
+        if match.group(3):
+            return chr(int(match.group(3), 16))
+        return "\\"
+
+    return _ESCAPED.sub(unescape, text)
+
+
 def ok_rows(paths: list[str], sizes: list[tuple[int, int]], outputs: dict[str, np.ndarray],
             labels: list[str]) -> dict[str, list[Any]]:
     """Columns for a batch of successful images, from the engine's outputs."""
@@ -49,7 +99,7 @@ def ok_rows(paths: list[str], sizes: list[tuple[int, int]], outputs: dict[str, n
     cams = outputs[C.CAM]
     n, h, w = cams.shape
     return {
-        "path": paths, "status": ["ok"] * n, "error": [None] * n,
+        "path": [path_text(p) for p in paths], "status": ["ok"] * n, "error": [None] * n,
         "width": [s[0] for s in sizes], "height": [s[1] for s in sizes],
         "predicted_class": top.astype(np.int32).tolist(),
         "predicted_label": [labels[i] if 0 <= i < len(labels) else str(i) for i in top.tolist()],
@@ -64,7 +114,7 @@ def ok_rows(paths: list[str], sizes: list[tuple[int, int]], outputs: dict[str, n
 def error_row(path: str, message: str) -> dict[str, list[Any]]:
     """Columns for one input that produced no result, with the reason."""
     row: dict[str, list[Any]] = {name: [None] for name in SCHEMA.names}
-    row.update(path=[path], status=["error"], error=[message])
+    row.update(path=[path_text(path)], status=["error"], error=[message])
     return row
 
 
@@ -77,7 +127,7 @@ def batch_rows(batch: LoadedBatch, outputs: dict[str, np.ndarray] | None, labels
     position = 0
     for x in batch.loaded:
         if x.image is None:
-            parts.append(error_row(x.key, f"{x.key}: {x.error}"))
+            parts.append(error_row(x.key, f"{path_text(x.key)}: {x.error}"))
         else:
             parts.append({k: v[position:position + 1] for k, v in ok_columns.items()})  # type: ignore[union-attr]
             position += 1
@@ -105,43 +155,90 @@ def _cam_array(values: list[np.ndarray | None]) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.astype(np.float32)), mask=mask)
 
 
-def write_shard(results_dir: Path, table: pa.Table, first: int, last: int) -> Path:
-    """Write rows for inputs first..last as one shard: temporary name, then an atomic rename."""
+@dataclass(frozen=True)
+class ShardRecord:
+    """A committed shard as the journal records it: what a later run checks before trusting its rows."""
+
+    name: str
+    rows: int
+    sha256: str
+    bytes: int
+
+
+def shard_name(attempt: str, token: str) -> str:
+    """A shard's file name: the attempt that wrote it and a token unique within that attempt."""
+    return f"{SHARD_PREFIX}{attempt}-{token}{SHARD_SUFFIX}"
+
+
+def new_token() -> str:
+    """A token no other writer task picks (Ray's writers run in parallel and cannot share a counter)."""
+    return uuid.uuid4().hex[:12]
+
+
+def is_shard_name(name: str) -> bool:
+    return name.startswith(SHARD_PREFIX) and name.endswith(SHARD_SUFFIX)
+
+
+def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file or directory to stable storage (on NFS: to the server), so a rename commits written bytes."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def stage_shard(staging_dir: Path, table: pa.Table, name: str, base: str) -> tuple[Path, ShardRecord]:
+    """Write a shard in the staging folder, flush it, read it back whole and checksum it; OSError on a full or
+    read-only disk (the temporary file is removed first)."""
+    staging_dir.mkdir(parents=True, exist_ok=True)
+    tmp = staging_dir / f"{name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        table = table.replace_schema_metadata({BASE_KEY: path_text(base).encode()})
+        pq.write_table(table, tmp, compression="zstd", use_dictionary=DICTIONARY_COLUMNS, write_page_checksum=True)
+        fsync_path(tmp)
+        back = pq.read_table(tmp, page_checksum_verification=True)
+        if back.num_rows != table.num_rows:
+            raise OSError(0, f"shard read back with {back.num_rows} of {table.num_rows} rows")
+        return tmp, ShardRecord(name, table.num_rows, sha256_of(tmp), tmp.stat().st_size)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def publish_shard(tmp: Path, results_dir: Path, name: str) -> Path:
+    """Rename a staged shard into results/; never over an existing file."""
     results_dir.mkdir(parents=True, exist_ok=True)
-    final = results_dir / f"part-{first:09d}-{last:09d}.parquet"
-    tmp = results_dir / f".{final.name}.{uuid.uuid4().hex[:8]}.tmp"
-    pq.write_table(table, tmp, compression="zstd", use_dictionary=DICTIONARY_COLUMNS)
-    os.replace(tmp, final)
+    final = results_dir / name
+    if final.exists():
+        tmp.unlink(missing_ok=True)
+        raise FileExistsError(f"{final}: a shard of that name is already committed")
+    try:
+        os.replace(tmp, final)
+        fsync_path(results_dir)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return final
 
 
-def clean_partial(results_dir: Path) -> int:
-    """Delete what a killed run left half-written; returns how many files."""
-    if not results_dir.is_dir():
-        return 0
-    stale = list(results_dir.glob(".*.tmp"))
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return len(stale)
+def read_shard(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """A shard read whole, every page's checksum verified; raises on any damage."""
+    return pq.read_table(path, columns=columns, page_checksum_verification=True)
 
 
-def done_paths(results_dir: Path) -> set[str]:
-    """The inputs that already have a row, read from the committed shards' path column only."""
-    if not results_dir.is_dir():
-        return set()
-    done: set[str] = set()
-    for shard in sorted(results_dir.glob("part-*.parquet")):
-        done.update(pq.read_table(shard, columns=["path"]).column("path").to_pylist())
-    return done
-
-
-def count_rows(results_dir: Path) -> dict[str, int]:
-    """ok / error counts over every committed shard."""
-    counts = {"ok": 0, "error": 0}
-    for shard in sorted(results_dir.glob("part-*.parquet")):
-        for status in pq.read_table(shard, columns=["status"]).column("status").to_pylist():
-            counts[status] = counts.get(status, 0) + 1
-    return counts
+def shard_base(path: Path) -> str:
+    """The directory the shard's relative paths start from (the writer's working directory)."""
+    metadata = pq.read_schema(path).metadata or {}
+    return path_key(metadata.get(BASE_KEY, b"").decode())
 
 
 def concat(columns: Iterable[dict[str, list[Any]]]) -> dict[str, list[Any]]:

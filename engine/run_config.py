@@ -26,6 +26,7 @@ class RunConfig:
     overlays: str = "none"           # none | all | N (the first N images)
     workers: int = 0                 # decode threads; 0 = one per core
     shard_size: int = 4096           # rows per Parquet shard (also the resume granularity)
+    commit_seconds: float = 60.0     # a shard is also committed once its first row is this old: bounds a kill's loss
     overwrite: bool = False
     max_bytes: int = 256 << 20       # larger files are refused before reading
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -40,11 +41,22 @@ class RunConfig:
         return dataclasses.replace(options, **overrides)  # type: ignore[arg-type]
 
     def check(self) -> None:
-        """Refuse option values that can only fail later."""
+        """Refuse option values that can only fail later, or would be taken silently to mean something else."""
         if self.batch_size < 1:
-            raise RunError("--batch-size must be at least 1")
+            raise RunError(f"--batch-size {self.batch_size}: must be at least 1")
         if self.shard_size < 1:
-            raise RunError("--shard-size must be at least 1")
+            raise RunError(f"--shard-size {self.shard_size}: must be at least 1")
+        if not self.commit_seconds > 0:
+            raise RunError(f"--commit-seconds {self.commit_seconds:g}: must be more than 0")
+        if self.workers < 0:
+            raise RunError(f"--workers {self.workers}: must be 0 (one per core) or more")
+        if self.session.threads < 0:
+            raise RunError(f"--threads {self.session.threads}: must be 0 (the runtime's default) or more")
+        if self.max_bytes < 1 or self.max_pixels < 1:
+            raise RunError("the file size and pixel limits must be positive")
+        if not self.inputs:
+            raise RunError("no INPUT given")
+        parse_overlays(self.overlays)
 
 
 def resolve_target(target: str, class_names: list[str]) -> int:

@@ -1,38 +1,56 @@
-"""The run directory both runners share: what a run is (its fingerprint), what is already done, and run.json.
+"""The run directory both runners share: one writer at a time, what is committed and verified, and run.json.
 
     RUN_DIR/
-      run.json     status, fingerprint of the options that shape rows, options, device, counts, throughput
-      results/     Parquet shards (engine.results)
-      overlays/    JPEG overlays (engine.overlay)
+      run.json       status (running | complete | interrupted | failed, with the reason), fingerprint, options,
+                     device, counts, shards set aside, throughput
+      journal.jsonl  the run's fingerprint and every committed shard with rows, bytes and sha256 (engine.journal)
+      run.lock       held by the one run writing here (engine.runlock)
+      results/       exactly the committed, verified shards: one Parquet dataset
+      overlays/      JPEG overlays of committed rows (engine.overlay)
+      damaged/       shards set aside because they failed verification, kept for inspection
+      .staging/      shards being written (a killed run's leftovers are deleted by the next run)
 
-A resumed run must have the same fingerprint; what is done is read from the committed shards, so either runner can
-resume a run the other started.
+A run: `opened` takes the lock and prepares (the fingerprint must match; journaled shards are verified by size and
+sha256, a damaged one is set aside and its rows redone, a shard committed but not journaled is read back whole and
+adopted, or set aside); `pending` is what has no verified row; `start` checks that every folder it writes is
+writable and marks run.json "running"; `commit` adds a shard; `finish` verifies everything again and reports counts
+for the current listing. What is done is derived from verified shards only, so either runner can resume a run the
+other started, and a later run never replaces or deletes a committed shard (except --overwrite).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
 import shutil
 import time
+import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
-from gradcam_engine.engine.errors import RunError
-from gradcam_engine.engine.inputs import InputItem, InputListing
-from gradcam_engine.engine.overlay import OVERLAY_DIR
-from gradcam_engine.engine.results import RESULTS_DIR, clean_partial, count_rows, done_paths
+from gradcam_engine.engine.errors import RunError, UserError, first_line, one_line
+from gradcam_engine.engine.inputs import Identities, InputItem, InputListing, normalise_spec
+from gradcam_engine.engine.journal import JOURNAL, Journal, JournalState, write_atomically
+from gradcam_engine.engine.overlay import OVERLAY_DIR, overlay_name
+from gradcam_engine.engine.results import (RESULTS_DIR, ShardRecord, is_shard_name, path_key, publish_shard,
+                                           read_shard, sha256_of, shard_base, shard_name, stage_shard)
 from gradcam_engine.engine.run_config import RunConfig
+from gradcam_engine.engine.runlock import RunLock
+from gradcam_engine.engine.signals import RunInterrupted, signal_name
 
 RUN_JSON = "run.json"
+DAMAGED_DIR = "damaged"
+STAGING_DIR = ".staging"
 
 
 @dataclass
 class RunSummary:
-    """What a run did; also written into run.json."""
+    """What a run did; also written into run.json. Counts describe the current listing."""
 
     out: str
     images: int
@@ -46,18 +64,28 @@ class RunSummary:
     device: str
     backend: str
     extra: dict[str, Any] = field(default_factory=dict)
+    unlisted_rows: int = 0                                   # rows of inputs no longer listed, kept in results/
+    set_aside: list[dict[str, Any]] = field(default_factory=list)  # damaged shards this run found and set aside
 
     def text(self) -> str:
         resumed = f" ({self.skipped_resume} already done, resumed)" if self.skipped_resume else ""
-        return (f"{self.images} images: {self.ok} ok, {self.errors} errors; processed {self.processed} in "
+        notes = ""
+        if self.set_aside:
+            rows = sum(int(s.get("rows") or 0) for s in self.set_aside)
+            notes += (f"; {len(self.set_aside)} damaged shard(s) set aside in {Path(self.out) / DAMAGED_DIR}/"
+                      + (f" ({rows} rows redone)" if rows else ""))
+        if self.unlisted_rows:
+            notes += f"; {self.unlisted_rows} rows of inputs no longer listed kept in results/"
+        return (f"{self.images} images: {self.ok} ok, {self.errors} errors{notes}; processed {self.processed} in "
                 f"{self.seconds:.1f} s ({self.images_per_second:.1f} img/s, {self.backend} on {self.device})"
                 f"{resumed}. Results: {Path(self.out) / RESULTS_DIR}/ (Parquet), summary {Path(self.out) / RUN_JSON}"
                 + (f", overlays {Path(self.out) / OVERLAY_DIR}/" if self.extra.get("overlays") else "") + ".")
 
 
 def fingerprint(config: RunConfig, artifact_sum: str, class_index: int, precision: str) -> dict[str, Any]:
-    """The options that decide what a row contains; a resumed run must match them."""
-    return {"artifact_sha256": artifact_sum, "inputs": [str(s) for s in config.inputs],
+    """The options that decide what a row contains; a resumed run must match them. Inputs are compared
+    absolute and resolved, so the same run spelled differently resumes (run.json keeps them as typed too)."""
+    return {"artifact_sha256": artifact_sum, "inputs": [normalise_spec(str(s)) for s in config.inputs],
             "backend": config.session.backend, "precision": precision, "class_index": class_index,
             "overlays": config.overlays}
 
@@ -73,83 +101,438 @@ def library_versions() -> dict[str, str]:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Replace a JSON file atomically: a reader sees the old or the new file, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    """Replace a JSON file atomically: a reader sees the old or the new file, never half of one; OSError leaves
+    the old file and no temporary."""
+    write_atomically(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def _options(config: RunConfig) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in asdict(config).items()}
 
 
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _os_reason(e: OSError) -> str:
+    return one_line(e.strerror or e)
+
+
+@dataclass
+class _Rows:
+    """The committed rows, read from verified shards: identity -> status, and each row's `path` text."""
+
+    status: dict[str, str] = field(default_factory=dict)
+    paths: list[str] = field(default_factory=list)
+
+
 class RunDirectory:
-    """One run directory: prepared (or refused) before any compute, then started and finished by a runner."""
+    """One run directory, written by one run at a time."""
 
     def __init__(self, out: str | Path):
         self.out = Path(out)
         self.results = self.out / RESULTS_DIR
         self.overlays = self.out / OVERLAY_DIR
+        self.damaged = self.out / DAMAGED_DIR
+        self.staging = self.out / STAGING_DIR
         self.run_json = self.out / RUN_JSON
+        self.journal = Journal(self.out / JOURNAL)
+        self.lock = RunLock(self.out)
+        self.attempt = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
         self.info: dict[str, Any] = {}
+        self._seq = itertools.count()
+        self._state = JournalState()
+        self._committed_now: list[ShardRecord] = []
+        self._found: dict[str, Any] = {"set_aside": [], "adopted": [], "missing": []}
+        self._done: set[str] = set()
+        self._identified = False
+        self._created = False
+        self.repaired = ""
+
+    # --- lifecycle ----------------------------------------------------------------------------------------------
+    @contextmanager
+    def opened(self, fingerprint: dict[str, Any], overwrite: bool) -> Iterator["RunDirectory"]:
+        """Hold the lock while the run prepares, computes and commits; a failure after the directory is known to
+        hold this run is recorded in run.json (status "failed" and the reason), and the lock is always released."""
+        try:
+            self._created = not self.out.exists()
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunError(f"{self.out}: cannot create the run directory ({_os_reason(e)})") from None
+        try:
+            self.lock.acquire()
+        except BaseException:
+            self._remove_if_new()
+            raise
+        try:
+            self.prepare(fingerprint, overwrite)
+            yield self
+        except RunInterrupted:
+            raise
+        except OSError as e:  # a file system failure not caught where it happened: still one line
+            self.fail(f"{_os_reason(e)} ({getattr(e, 'filename', '') or self.out})")
+            raise RunError(f"{self.out}: {_os_reason(e)} ({getattr(e, 'filename', '') or 'run directory'}); "
+                           "nothing committed is lost: fix the cause and rerun the same command") from None
+        except UserError as e:
+            self.fail(str(e))
+            raise
+        except BaseException as e:
+            self.fail(f"{type(e).__name__}: {first_line(e)}")
+            raise
+        finally:
+            self._clear_staging()
+            self.lock.release()
+            self._remove_if_new()
+
+    def _remove_if_new(self) -> None:
+        """A run that failed before writing anything leaves no directory behind it created."""
+        if self._created and self.out.is_dir() and not any(self.out.iterdir()):
+            self.out.rmdir()
 
     def prepare(self, fingerprint: dict[str, Any], overwrite: bool) -> None:
-        """Create the directory, or check that it holds this same run (else refuse, unless overwriting)."""
-        out = self.out
-        if out.exists() and overwrite:
-            for target in (self.results, self.overlays, self.run_json):
-                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-        elif self.run_json.is_file():
-            previous = json.loads(self.run_json.read_text()).get("fingerprint")
-            if previous != fingerprint:
-                changed = sorted(k for k in set(fingerprint) | set(previous or {})
-                                 if (previous or {}).get(k) != fingerprint.get(k))
-                raise RunError(f"{out}: holds a run with different {', '.join(changed)}; use another --out, or "
-                               "--overwrite to replace it")
-        elif out.exists() and self.results.exists():
-            raise RunError(f"{out}: has results but no {RUN_JSON}; use another --out or --overwrite")
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise RunError(f"{out}: cannot create the run directory ({e.strerror})") from None
+        """Check that the directory holds this same run (else refuse, unless overwriting), then verify what it
+        holds and rewrite the journal with exactly what verified."""
+        if overwrite:
+            self._wipe()
+        state = self.journal.read()
+        previous, unreadable = self._read_run_json()
+        recorded = state.fingerprint or (previous or {}).get("fingerprint")
+        has_results = self.results.is_dir() and any(self.results.iterdir())
+        if recorded is not None and recorded != fingerprint:
+            changed = sorted(k for k in set(fingerprint) | set(recorded) if recorded.get(k) != fingerprint.get(k))
+            raise RunError(f"{self.out}: holds a run with different {', '.join(changed)}; use another --out, or "
+                           "--overwrite to replace it")
+        if recorded is None and has_results:
+            if unreadable:
+                raise RunError(f"{self.run_json}: unreadable ({unreadable}) and no {JOURNAL} says which run "
+                               f"{RESULTS_DIR}/ belongs to; use another --out, or --overwrite to start again")
+            raise RunError(f"{self.out}: has results but no {RUN_JSON}; use another --out or --overwrite")
+        self._identified = True
+        self.repaired = f"{RUN_JSON} was unreadable ({unreadable}); rewritten from {JOURNAL}" if unreadable else ""
+        state.fingerprint = fingerprint
+        self._reconcile(state)
 
+    def _wipe(self) -> None:
+        try:
+            for target in (self.results, self.overlays, self.damaged, self.staging):
+                if target.is_dir():
+                    shutil.rmtree(target)
+            for target in (self.run_json, self.journal.path):
+                target.unlink(missing_ok=True)
+        except OSError as e:
+            raise RunError(f"{self.out}: --overwrite cannot remove the earlier run ({_os_reason(e)})") from None
+
+    def _read_run_json(self) -> tuple[dict[str, Any] | None, str]:
+        """(run.json, "") or (None, why it is unreadable); (None, "") when there is none."""
+        try:
+            data = json.loads(self.run_json.read_text())
+        except FileNotFoundError:
+            return None, ""
+        except (OSError, ValueError) as e:
+            return None, one_line(e, 120)
+        if not isinstance(data, dict):
+            return None, "not a JSON object"
+        return data, ""
+
+    # --- verification -------------------------------------------------------------------------------------------
+    def _reconcile(self, state: JournalState) -> None:
+        """Delete half-written files, verify journaled shards, adopt or set aside the rest of results/, and
+        rewrite the journal; afterwards results/ holds exactly the verified shards."""
+        self._clear_staging()
+        for folder in (self.results, self.overlays):
+            if folder.is_dir():
+                for tmp in folder.glob(".*.tmp"):
+                    tmp.unlink(missing_ok=True)
+        verified: list[ShardRecord] = []
+        rows = _Rows()
+        names = set()
+        for record in state.shards:
+            if record.name in names:
+                continue
+            names.add(record.name)
+            path = self.results / record.name
+            if not path.is_file():
+                self._found["missing"].append({"shard": record.name, "rows": record.rows})
+                continue
+            problem = self._check(path, record)
+            if problem or not self._read_rows(path, rows):
+                self._set_aside(path, problem or "does not read back", record.rows, state)
+                continue
+            verified.append(record)
+        for path in sorted(self.results.iterdir()) if self.results.is_dir() else []:
+            if path.name in {r.name for r in verified}:
+                continue
+            record = self._adopt(path, rows, state)
+            if record is not None:
+                verified.append(record)
+                self._found["adopted"].append(record.name)
+        state.shards = verified
+        try:
+            self.journal.rewrite(state)
+        except OSError as e:
+            raise RunError(f"{self.journal.path}: cannot write ({_os_reason(e)}); nothing committed is lost: "
+                           "fix the cause and rerun the same command") from None
+        self._state = state
+        self._done = set(rows.status)
+        self._clean_overlays(rows.paths)
+
+    def _check(self, path: Path, record: ShardRecord) -> str:
+        """Why a journaled shard cannot be trusted, or ""."""
+        size = path.stat().st_size
+        if size != record.bytes:
+            return f"size {size} bytes, committed as {record.bytes}"
+        if sha256_of(path) != record.sha256:
+            return "checksum mismatch"
+        return ""
+
+    def _read_rows(self, path: Path, rows: _Rows, known: set[str] | None = None) -> bool:
+        """Add a shard's rows; False (nothing added) when it does not read back whole, or repeats a row already
+        committed (or one of its own)."""
+        try:
+            table = read_shard(path, columns=["path", "status"])
+            identities = Identities(shard_base(path))
+        except Exception:  # pyarrow raises several types on damaged files
+            return False
+        texts = table.column("path").to_pylist()
+        statuses = table.column("status").to_pylist()
+        ids = [identities(path_key(t)) for t in texts]
+        if known is not None and (len(set(ids)) != len(ids) or not known.isdisjoint(ids)):
+            return False
+        rows.status.update(zip(ids, statuses))
+        rows.paths.extend(texts)
+        return True
+
+    def _adopt(self, path: Path, rows: _Rows, state: JournalState) -> ShardRecord | None:
+        """A file in results/ the journal does not list (a kill between a shard's rename and its journal line, or
+        a file put there by hand): a shard that reads back whole, with none of its rows already committed, is
+        journaled; anything else is set aside."""
+        if not (path.is_file() and is_shard_name(path.name)):
+            self._set_aside(path, "not a shard committed by this run", None, state)
+            return None
+        try:
+            table = read_shard(path)
+        except Exception as e:
+            self._set_aside(path, f"not journaled and does not read back ({first_line(e, 100)})", None, state)
+            return None
+        if "path" not in table.column_names or "status" not in table.column_names:
+            self._set_aside(path, "not journaled and not a results shard", table.num_rows, state)
+            return None
+        if not self._read_rows(path, rows, known=set(rows.status)):
+            self._set_aside(path, "not journaled and repeats rows already committed", table.num_rows, state)
+            return None
+        return ShardRecord(path.name, table.num_rows, sha256_of(path), path.stat().st_size)
+
+    def _set_aside(self, path: Path, reason: str, rows: int | None, state: JournalState) -> None:
+        """Move a shard out of results/ into damaged/ (kept, never deleted) and record why."""
+        self.damaged.mkdir(parents=True, exist_ok=True)
+        target = self.damaged / path.name
+        for n in itertools.count(1):
+            if not target.exists():
+                break
+            target = self.damaged / f"{path.name}.{n}"
+        os.replace(path, target)
+        event = {"shard": path.name, "reason": reason, "rows": rows, "moved_to": f"{DAMAGED_DIR}/{target.name}",
+                 "found": _now()}
+        state.set_aside.append(event)
+        self._found["set_aside"].append(event)
+
+    def _clean_overlays(self, paths: list[str]) -> None:
+        """Overlays of rows that were never committed (a killed run wrote them) are removed; their rows are redone."""
+        if not self.overlays.is_dir():
+            return
+        keep = {overlay_name(p) for p in paths}
+        for path in self.overlays.iterdir():
+            if path.suffix == ".jpg" and path.name not in keep and _is_overlay_name(path.name):
+                path.unlink(missing_ok=True)
+
+    def _clear_staging(self) -> None:
+        if self.staging.is_dir():
+            for tmp in self.staging.iterdir():
+                tmp.unlink(missing_ok=True)
+            try:
+                self.staging.rmdir()
+            except OSError:
+                pass
+
+    # --- the run ------------------------------------------------------------------------------------------------
     def pending(self, listing: InputListing) -> list[tuple[int, InputItem]]:
-        """(listing position, item) of every input without a committed row; what a killed run left half-written
-        is deleted first."""
-        clean_partial(self.results)
-        done = done_paths(self.results)
-        return [(i, item) for i, item in enumerate(listing.items) if item.key not in done]
+        """(listing position, item) of every input without a verified row."""
+        identities = Identities(os.getcwd())
+        return [(i, item) for i, item in enumerate(listing.items) if identities(item.key) not in self._done]
 
     def start(self, config: RunConfig, fingerprint: dict[str, Any], device: str, precision: str,
-              **extra: Any) -> None:
-        """Write run.json with status "running" before the first image is read; `extra` adds runner-specific keys
-        (and library versions under "versions")."""
+              overlays: bool = False, **extra: Any) -> None:
+        """Check every folder the run writes, then write run.json with status "running", all before the first image
+        is read; `extra` adds runner-specific keys (and library versions under "versions")."""
+        for folder in (self.results, self.staging, *((self.overlays,) if overlays else ())):
+            self._check_writable(folder)
         versions = {**library_versions(), **extra.pop("versions", {})}
         self.info = {"status": "running", "fingerprint": fingerprint, "artifact": str(config.artifact),
                      "options": _options(config), **extra, "device": device, "precision": precision,
-                     "versions": versions, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        write_json(self.run_json, self.info)
+                     "versions": versions, "attempt": self.attempt, "holder": self.lock.info(),
+                     "started": _now(), "journal": JOURNAL,
+                     "verified_at_start": {"shards": len(self._state.shards),
+                                           "adopted": self._found["adopted"],
+                                           "missing": self._found["missing"],
+                                           "set_aside": self._found["set_aside"]},
+                     "set_aside": self._state.set_aside}
+        if self.repaired:
+            self.info["repaired"] = self.repaired
+        self._write_run_json()
+
+    def _check_writable(self, folder: Path) -> None:
+        probe = folder / f".probe-{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(probe, "wb") as f:
+                f.write(b"probe")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise RunError(f"{folder}: not writable ({_os_reason(e)}); nothing was computed: fix it and rerun "
+                           "the same command") from None
+        finally:
+            try:
+                probe.unlink(missing_ok=True)
+            except OSError:
+                pass
+
+    def _write_run_json(self) -> None:
+        try:
+            write_json(self.run_json, self.info)
+        except OSError as e:
+            raise RunError(f"{self.run_json}: cannot write ({_os_reason(e)}); nothing committed is lost: fix the "
+                           "cause and rerun the same command") from None
+
+    def next_shard_name(self) -> str:
+        return shard_name(self.attempt, f"{next(self._seq):06d}")
+
+    def commit(self, table: Any) -> ShardRecord:
+        """Write, verify and commit one shard of this run's rows (the local runner's writer thread)."""
+        self.lock.check()
+        name = self.next_shard_name()
+        try:
+            tmp, record = stage_shard(self.staging, table, name, os.getcwd())
+            publish_shard(tmp, self.results, name)
+        except OSError as e:
+            raise RunError(f"{self.results}: cannot commit a shard ({_os_reason(e)}); nothing committed is lost: "
+                           "fix the cause and rerun the same command") from None
+        self.record(record)
+        return record
+
+    def record(self, record: ShardRecord) -> None:
+        """Journal a shard already renamed into results/ (by commit, or by a Ray writer task)."""
+        try:
+            self.journal.append_shard(record)
+        except OSError as e:
+            (self.results / record.name).unlink(missing_ok=True)  # not journaled: not committed
+            raise RunError(f"{self.journal.path}: cannot write ({_os_reason(e)}); nothing committed is lost: fix "
+                           "the cause and rerun the same command") from None
+        self._committed_now.append(record)
+
+    @property
+    def committed_this_run(self) -> int:
+        return sum(r.rows for r in self._committed_now)
+
+    def _final_rows(self) -> tuple[_Rows, list[ShardRecord]]:
+        """Every committed shard verified again (size, sha256, reads back), strays in results/ adopted or set aside:
+        the dataset a complete run reports is whole."""
+        state = self._state
+        records = state.shards + self._committed_now
+        rows = _Rows()
+        kept: list[ShardRecord] = []
+        for record in records:
+            path = self.results / record.name
+            problem = "missing" if not path.is_file() else self._check(path, record)
+            if problem or not self._read_rows(path, rows):
+                if path.is_file():
+                    self._set_aside(path, problem or "does not read back", record.rows, state)
+                raise RunError(f"{path}: changed after it was committed ({problem or 'does not read back'}); "
+                               "rerun the same command to redo its rows")
+            kept.append(record)
+        names = {r.name for r in kept}
+        for path in sorted(self.results.iterdir()) if self.results.is_dir() else []:
+            if path.name not in names:
+                record = self._adopt(path, rows, state)
+                if record is not None:
+                    self.record(record)
+                    kept.append(record)
+        return rows, kept
 
     def finish(self, listing: InputListing, processed: int, seconds: float, device: str, backend: str,
-               extra: dict[str, Any]) -> RunSummary:
-        """Count what results/ now holds, mark run.json complete with counts and throughput, return the summary.
-
-        Counts come from the results themselves, not this run's tally, so a resumed run reports the whole run.
-        """
-        counts = count_rows(self.results)
+               extra: dict[str, Any], status: str = "complete", note: str = "") -> RunSummary:
+        """Verify the results again, mark run.json with counts for the current listing and throughput, return
+        the summary; a "complete" run whose listing is not wholly covered by verified rows is refused."""
+        rows, _ = self._final_rows()
+        identities = Identities(os.getcwd())
+        listed = [identities(item.key) for item in listing.items]
+        listed_set = set(listed)
+        statuses = [rows.status.get(i) for i in listed]
+        ok, errors, missing = statuses.count("ok"), statuses.count("error"), statuses.count(None)
+        unlisted = sum(1 for i in rows.status if i not in listed_set)
         summary = RunSummary(
-            out=str(self.out), images=len(listing.items), ok=counts.get("ok", 0), errors=counts.get("error", 0),
-            processed=processed, skipped_resume=len(listing.items) - processed,
-            skipped_non_image=listing.skipped_non_image, seconds=seconds,
+            out=str(self.out), images=len(listed), ok=ok, errors=errors, processed=processed,
+            skipped_resume=max(0, len(listed) - missing - processed), skipped_non_image=listing.skipped_non_image, seconds=seconds,
             images_per_second=processed / seconds if seconds > 0 else 0.0, device=device, backend=backend,
-            extra=extra)
-        self.info.update(status="complete", counts={"inputs": summary.images, "ok": summary.ok,
-                                                    "error": summary.errors,
-                                                    "skipped_non_image": summary.skipped_non_image,
-                                                    "processed_this_run": summary.processed,
-                                                    "already_done": summary.skipped_resume},
+            extra=extra, unlisted_rows=unlisted, set_aside=list(self._found["set_aside"]))
+        if status == "complete" and missing:
+            self.info.update(status="failed", reason=f"{missing} listed inputs have no row")
+            self._write_run_json()
+            raise RunError(f"{self.out}: {missing} of {len(listed)} inputs have no row after the run; rerun the same "
+                           "command to complete it")
+        self.info.update(status=status, counts={"inputs": summary.images, "ok": ok, "error": errors,
+                                                "no_row_yet": missing,
+                                                "rows_of_inputs_no_longer_listed": unlisted,
+                                                "skipped_non_image": summary.skipped_non_image,
+                                                "processed_this_run": processed,
+                                                "already_done": summary.skipped_resume},
+                         set_aside=self._state.set_aside,
                          throughput={"seconds": round(seconds, 3),
                                      "images_per_second": round(summary.images_per_second, 2)},
-                         finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        write_json(self.run_json, self.info)
+                         finished=_now())
+        if note:
+            self.info["reason"] = note
+        self._write_run_json()
         return summary
+
+    def interrupted(self, signum: int, listing: InputListing, seconds: float, device: str, backend: str,
+                    extra: dict[str, Any]) -> RunInterrupted:
+        """Mark run.json "interrupted" with counts after a graceful stop; returns the exception the runner raises."""
+        name = signal_name(signum)
+        summary = self.finish(listing, self.committed_this_run, seconds, device, backend, extra,
+                              status="interrupted", note=f"stopped by {name}; what was in flight was committed")
+        left = summary.images - summary.ok - summary.errors
+        return RunInterrupted(f"interrupted by {name}: {summary.processed} rows committed by this run, "
+                              f"{summary.ok + summary.errors} of {summary.images} inputs done, {left} left; rerun "
+                              "the same command to resume", signum)
+
+    def abort(self, signum: int) -> None:
+        """A second stop signal: record it and let the lock go, quickly; the process exits at once after this."""
+        if self._identified and self.info:
+            self.info.update(status="interrupted", finished=_now(),
+                             reason=f"stopped at once by a second {signal_name(signum)}; rows in flight were not "
+                                    "committed")
+            try:
+                write_json(self.run_json, self.info)
+            except OSError:
+                pass
+        self.lock.release()
+
+    def fail(self, reason: str) -> None:
+        """Record a failure in run.json (best effort: on a full disk even this may not fit) once the directory is
+        known to hold this run; a directory holding another run, or none we can identify, is never touched."""
+        if not self._identified:
+            return
+        self.info.update(status="failed", reason=reason, finished=_now())
+        if "fingerprint" not in self.info and self._state.fingerprint is not None:
+            self.info["fingerprint"] = self._state.fingerprint
+        try:
+            write_json(self.run_json, self.info)
+        except OSError:
+            pass
+
+
+def _is_overlay_name(name: str) -> bool:
+    stem = name[:-len(".jpg")]
+    digest = stem.rsplit("_", 1)[-1]
+    return len(digest) == 12 and all(c in "0123456789abcdef" for c in digest)

@@ -14,7 +14,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from gradcam_engine.engine import contract as C
-from gradcam_engine.engine.artifact import Artifact, load_artifact
+from gradcam_engine.engine.artifact import Artifact, GraphSignature, check_graph, load_artifact, verify_files
 from gradcam_engine.engine.errors import RunError
 
 Arrays = dict[str, np.ndarray]
@@ -157,12 +157,13 @@ class OnnxBackend:
         files = _onnx_files(artifact)
         self.precision = choose_precision(options.precision, "cuda" if want_cuda else "cpu", files)
         path = artifact.path(files[self.precision])
-        load_artifact(artifact.root, verify=[files[self.precision]])  # checksum of the file actually loaded
+        verify_files(artifact, [files[self.precision]])  # checksum of the file actually loaded
 
         trt_cache = None
         if want_cuda and options.trt:
             trt_cache = options.trt_cache or str(Path.home() / ".cache" / "gradcam-engine" / "trt")
         self.session = onnx_session(path, want_cuda, options.threads, options.cuda_graph, trt_cache)
+        check_graph(artifact, onnx_signature(self.session), files[self.precision])
         active = self.session.get_providers()
         self.device = "cuda" if "CUDAExecutionProvider" in active else "cpu"
         if options.device == "cuda" and self.device != "cuda":
@@ -236,11 +237,12 @@ class TFBackend:
                      for name, p in artifact.manifest.get("precision", {C.SAVED_MODEL_DIR: "fp32"}).items()
                      if not name.endswith(".onnx")}
         self.precision = choose_precision(options.precision, self.device, available)
-        load_artifact(artifact.root, verify=[available[self.precision]])
+        verify_files(artifact, [available[self.precision]])
         self._tf = tf
         self._device_name = "/GPU:0" if self.device == "cuda" else "/CPU:0"
         with tf.device(self._device_name):
             self._fn = tf.saved_model.load(str(artifact.path(available[self.precision]))).signatures[C.SIGNATURE]
+        check_graph(artifact, tf_signature(self._fn), available[self.precision])
 
     def prepare(self, images: np.ndarray, class_index: np.ndarray) -> Any:
         return images, class_index
@@ -251,6 +253,23 @@ class TFBackend:
         with tf.device(self._device_name):
             result = self._fn(**{C.IMAGES: tf.constant(images), C.CLASS_INDEX: tf.constant(class_index)})
         return {k: result[k].numpy() for k in outputs}
+
+
+def onnx_signature(session: Any) -> GraphSignature:
+    """An ONNX Runtime session's inputs, outputs and model metadata, for check_graph."""
+    def described(args: Any) -> dict[str, tuple[str, list[Any]]]:
+        return {a.name: (a.type, list(a.shape)) for a in args}
+
+    metadata = dict(session.get_modelmeta().custom_metadata_map)
+    return GraphSignature(described(session.get_inputs()), described(session.get_outputs()), metadata)
+
+
+def tf_signature(fn: Any) -> GraphSignature:
+    """A SavedModel signature's inputs and outputs, for check_graph."""
+    def described(specs: dict[str, Any]) -> dict[str, tuple[str, list[Any]]]:
+        return {name: (spec.dtype.name, spec.shape.as_list()) for name, spec in specs.items()}
+
+    return GraphSignature(described(fn.structured_input_signature[1]), described(fn.structured_outputs))
 
 
 class GradCAMSession:

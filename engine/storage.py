@@ -241,7 +241,7 @@ def _child_uri(spec: str, path: str) -> str:
     parts = urlsplit(spec)
     host = parts.netloc if parts.scheme in _NETLOC_IS_HOST else ""
     query = f"?{parts.query}" if parts.query else ""
-    return f"{parts.scheme}://{host}{quote(path, safe='/')}{query}"
+    return f"{parts.scheme}://{host}{quote(path, safe='/', errors='surrogateescape')}{query}"
 
 
 LOCAL = LocalStorage()

@@ -134,12 +134,14 @@ def test_path_list_gives_one_item_per_line_whatever_the_path_holds(tmp_path: Pat
     )
     listing = list_inputs([str(listing_file)])
     base = str(tmp_path / "lists")
-    assert listing.items == [
+    assert listing.items == [  # verbatim: a '#' line and a line of spaces are names too
+        InputItem(f"{base}/# images for the run", "file"),
         InputItem(f"{base}/../images/a.jpg", "file"),
         InputItem(f"{base}/missing.jpg", "file"),
         InputItem(f"{base}/../images", "file"),
         InputItem(f"{base}/../images/notes.txt", "file"),
         InputItem(str(absolute), "file"),
+        InputItem(f"{base}/   ", "file"),
     ]
     assert listing.skipped_non_image == 0
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gradcam_engine.engine.overlay import HEAT_WEIGHT, IMAGE_WEIGHT, blend, jet, jet_table, overlays, upsample
+from gradcam_engine.engine.overlay import (HEAT_WEIGHT, IMAGE_WEIGHT, blend, jet, jet_table, overlay_name, overlays,
+                                          upsample)
 from gradcam_engine.engine.local_run import run_gradcam
 from gradcam_engine.engine.run_config import RunConfig
 from engine_support import (SmallArtifact, artifact, cam_of, rows_by_path, scene,  # noqa: F401 (fixture)
@@ -115,9 +116,10 @@ def test_overlays_all_writes_one_jpeg_per_ok_image_at_its_original_size(artifact
     assert (summary.ok, summary.errors) == (5, 1)
     assert "overlays" in summary.text()
     files = overlay_files(tmp_path / "run")
-    assert [f.name for f in files] == [f"{i:09d}_{Path(name).stem}.jpg" for i, name in enumerate(sorted(sizes))]
+    assert [f.name for f in files] == sorted(overlay_name(str(folder / name)) for name in sizes)
     rows = rows_by_path(tmp_path / "run")
-    for file, name in zip(files, sorted(sizes)):
+    for name in sorted(sizes):
+        file = tmp_path / "run" / "overlays" / overlay_name(str(folder / name))
         with Image.open(file) as overlay:
             assert overlay.format == "JPEG"
             assert overlay.size == sizes[name], name
@@ -132,7 +134,8 @@ def test_overlays_n_writes_overlays_for_exactly_the_first_n_inputs(artifact: Sma
         write_image(folder / f"img_{i}.png", scene(40 + i, 30 + i, 20 + i))
     run_gradcam(RunConfig(artifact=str(artifact.root), inputs=[str(folder)], out=str(tmp_path / "run"),
                           overlays="2", batch_size=3, progress=False))
-    assert [f.name for f in overlay_files(tmp_path / "run")] == ["000000000_img_0.jpg", "000000001_img_1.jpg"]
+    assert [f.name for f in overlay_files(tmp_path / "run")] == sorted(
+        overlay_name(str(folder / f"img_{i}.png")) for i in range(2))
     assert len(rows_by_path(tmp_path / "run")) == 5
 
 

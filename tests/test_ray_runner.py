@@ -222,9 +222,18 @@ def test_stages_without_ray_give_the_local_rows(artifact: Path, in_workdir: Path
     batch = {"path": np.array([i.key for i in items], object), KIND: np.array([i.kind for i in items], object),
              INDEX: np.arange(len(items))}
     rows = GradCAMActor(str(artifact), SessionOptions(device="cpu", threads=1), -1)(decode_batch(batch, spec))
-    written = write_batch(rows, str(in_workdir / "stages" / RESULTS_DIR), str(in_workdir / "stages" / OVERLAY_DIR),
-                          int(OVERLAYS), spec)
-    assert written["shard"].tolist() == ["part-000000000-000000049.parquet"] and written["rows"].tolist() == [50]
+    from gradcam_engine.engine.ray_stages import CommitSpec
+    from gradcam_engine.engine.runlock import RunLock
+
+    stages = in_workdir / "stages"
+    stages.mkdir()
+    lock = RunLock(stages)  # a writer task commits only under its driver's lock
+    lock.acquire()
+    commit = CommitSpec(str(stages), str(stages / RESULTS_DIR), str(stages / ".staging"), str(stages / OVERLAY_DIR),
+                        "attempt", lock.token())
+    written = write_batch(rows, commit, int(OVERLAYS), spec)
+    lock.release()
+    assert written["shard"][0].startswith("part-attempt-") and written["rows"].tolist() == [50]
     _assert_same_rows(_rows(in_workdir / "stages"), _rows(local_run))
     assert sorted(os.listdir(in_workdir / "stages" / OVERLAY_DIR)) == sorted(os.listdir(local_run / OVERLAY_DIR))
 

@@ -42,8 +42,8 @@ def test_a_path_list_at_a_uri_keeps_uri_lines_and_resolves_the_others_beside_it(
     lst = tmp_path / "imgs" / "list.txt"
     lst.write_text(f"a.jpg\n# a comment\n\n{uri(elsewhere)}\nmissing.jpg\n")
     items = list_inputs([uri(lst)]).items
-    assert [i.key for i in items] == [uri(tmp_path / "imgs" / "a.jpg"), uri(elsewhere),
-                                      uri(tmp_path / "imgs" / "missing.jpg")]
+    assert [i.key for i in items] == [uri(tmp_path / "imgs" / "a.jpg"), uri(tmp_path / "imgs" / "# a comment"),
+                                      uri(elsewhere), uri(tmp_path / "imgs" / "missing.jpg")]  # every line verbatim
 
 
 def test_a_local_path_list_may_name_uris(tmp_path: Path) -> None:
