@@ -9,6 +9,7 @@
       overlays/      JPEG overlays of committed rows (engine.overlay)
       damaged/       shards set aside because they failed verification, kept for inspection
       .staging/      shards being written (a killed run's leftovers are deleted by the next run)
+      .reserve       64 KiB held while a run goes, freed to record its end in run.json even on a full disk
 
 A run: `opened` takes the lock and prepares (the fingerprint must match; journaled shards are verified by size and
 sha256, a damaged one is set aside and its rows redone, a shard committed but not journaled is read back whole and
@@ -19,6 +20,7 @@ other started, and a later run never replaces or deletes a committed shard (exce
 """
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
@@ -46,6 +48,7 @@ from gradcam_engine.engine.signals import RunInterrupted, signal_name
 RUN_JSON = "run.json"
 DAMAGED_DIR = "damaged"
 STAGING_DIR = ".staging"
+RESERVE, RESERVE_BYTES = ".reserve", 64 << 10
 
 
 @dataclass
@@ -136,6 +139,7 @@ class RunDirectory:
         self.damaged = self.out / DAMAGED_DIR
         self.staging = self.out / STAGING_DIR
         self.run_json = self.out / RUN_JSON
+        self.reserve = self.out / RESERVE
         self.journal = Journal(self.out / JOURNAL)
         self.lock = RunLock(self.out)
         self.attempt = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -165,6 +169,7 @@ class RunDirectory:
             self._remove_if_new()
             raise
         try:
+            self._hold_reserve()
             self.prepare(fingerprint, overwrite)
             yield self
         except RunInterrupted:
@@ -181,8 +186,22 @@ class RunDirectory:
             raise
         finally:
             self._clear_staging()
+            self.reserve.unlink(missing_ok=True)
             self.lock.release()
             self._remove_if_new()
+
+    def _hold_reserve(self) -> None:
+        """Set aside a little space at the start, so that a disk that fills up during the run still has room for
+        run.json to say so; a disk already full fails here, before anything else is written."""
+        try:
+            with open(self.reserve, "wb") as f:
+                f.write(bytes(RESERVE_BYTES))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            self.reserve.unlink(missing_ok=True)
+            raise RunError(f"{self.out}: cannot write ({_os_reason(e)}); nothing was computed: fix it and rerun "
+                           "the same command") from None
 
     def _remove_if_new(self) -> None:
         """A run that failed before writing anything leaves no directory behind it created."""
@@ -399,7 +418,7 @@ class RunDirectory:
 
     def _write_run_json(self) -> None:
         try:
-            write_json(self.run_json, self.info)
+            self._write_info()
         except OSError as e:
             raise RunError(f"{self.run_json}: cannot write ({_os_reason(e)}); nothing committed is lost: fix the "
                            "cause and rerun the same command") from None
@@ -513,7 +532,7 @@ class RunDirectory:
                              reason=f"stopped at once by a second {signal_name(signum)}; rows in flight were not "
                                     "committed")
             try:
-                write_json(self.run_json, self.info)
+                self._write_info()
             except OSError:
                 pass
         self.lock.release()
@@ -527,9 +546,19 @@ class RunDirectory:
         if "fingerprint" not in self.info and self._state.fingerprint is not None:
             self.info["fingerprint"] = self._state.fingerprint
         try:
-            write_json(self.run_json, self.info)
+            self._write_info()
         except OSError:
             pass
+
+    def _write_info(self) -> None:
+        """run.json, atomically; on a full disk the reserve is given up for it."""
+        try:
+            write_json(self.run_json, self.info)
+        except OSError as e:
+            if e.errno != errno.ENOSPC or not self.reserve.exists():
+                raise
+            self.reserve.unlink()
+            write_json(self.run_json, self.info)
 
 
 def _is_overlay_name(name: str) -> bool:
