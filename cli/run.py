@@ -22,7 +22,8 @@ def config_from(args: argparse.Namespace) -> RunConfig:
         cuda_graph=args.cuda_graph, trt=args.trt)
     return RunConfig(artifact=args.artifact, inputs=args.inputs, out=args.out, session=session,
                      batch_size=args.batch_size, target=args.target, overlays=args.overlays, workers=args.workers,
-                     shard_size=args.shard_size, commit_seconds=args.commit_seconds, overwrite=args.overwrite)
+                     shard_size=args.shard_size, commit_seconds=args.commit_seconds, overwrite=args.overwrite,
+                     exit_on_second_signal=True)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -30,7 +30,7 @@ from gradcam_engine.engine.signals import GracefulStop, RunInterrupted
 def run_gradcam(config: RunConfig, session: Session | None = None) -> RunSummary:
     """Stream every input through the artifact's graph and write one result row per input."""
     config.check()
-    with GracefulStop() as stop:
+    with GracefulStop(exit_at_once=config.exit_on_second_signal) as stop:
         return _run(config, session, stop)
 
 

@@ -202,7 +202,8 @@ def run_gradcam_ray(config: RunConfig, options: RayOptions = RayOptions()) -> Ru
     artifact = load_artifact(config.artifact, verify=[])  # each replica checks the model file it loads
     class_index = resolve_target(config.target, artifact.class_names)
     run_dir = RunDirectory(config.out)
-    with ray_session(ray, options), progress_bars(ray, config.progress), GracefulStop() as stop:
+    with ray_session(ray, options), progress_bars(ray, config.progress), \
+            GracefulStop(exit_at_once=config.exit_on_second_signal) as stop:
         device, precision = probe(ray, str(artifact.root.resolve()), session_options, options)
         run_fingerprint = fingerprint(config, artifact.checksum, class_index, precision)
         backend = f"{config.session.backend} {precision}"

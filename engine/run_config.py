@@ -31,6 +31,7 @@ class RunConfig:
     max_bytes: int = 256 << 20       # larger files are refused before reading
     max_pixels: int = DEFAULT_MAX_PIXELS
     progress: bool | None = None     # None: on a terminal only
+    exit_on_second_signal: bool = False  # True (the command line): a second SIGINT/SIGTERM ends the process at once
 
     def session_options(self, **overrides: object) -> SessionOptions:
         """The session this run uses: a TensorRT engine cache defaults to the run directory (engines are built for

@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import time
 import uuid
 from contextlib import contextmanager
@@ -174,6 +175,10 @@ class RunDirectory:
             yield self
         except RunInterrupted:
             raise
+        except KeyboardInterrupt:  # a second signal in a library caller (already recorded), or a plain Ctrl-C
+            if self.lock.held:
+                self.abort(signal.SIGINT)
+            raise
         except OSError as e:  # a file system failure not caught where it happened: still one line
             self.fail(f"{_os_reason(e)} ({getattr(e, 'filename', '') or self.out})")
             raise RunError(f"{self.out}: {_os_reason(e)} ({getattr(e, 'filename', '') or 'run directory'}); "
@@ -185,8 +190,11 @@ class RunDirectory:
             self.fail(f"{type(e).__name__}: {first_line(e)}")
             raise
         finally:
-            self._clear_staging()
-            self.reserve.unlink(missing_ok=True)
+            try:
+                self._clear_staging()
+                self.reserve.unlink(missing_ok=True)
+            except OSError:
+                pass  # best effort: the next run clears these too
             self.lock.release()
             self._remove_if_new()
 
@@ -205,8 +213,11 @@ class RunDirectory:
 
     def _remove_if_new(self) -> None:
         """A run that failed before writing anything leaves no directory behind it created."""
-        if self._created and self.out.is_dir() and not any(self.out.iterdir()):
-            self.out.rmdir()
+        try:
+            if self._created and self.out.is_dir() and not any(self.out.iterdir()):
+                self.out.rmdir()
+        except OSError:
+            pass
 
     def prepare(self, fingerprint: dict[str, Any], overwrite: bool) -> None:
         """Check that the directory holds this same run (else refuse, unless overwriting), then verify what it
@@ -491,7 +502,8 @@ class RunDirectory:
         unlisted = sum(1 for i in rows.status if i not in listed_set)
         summary = RunSummary(
             out=str(self.out), images=len(listed), ok=ok, errors=errors, processed=processed,
-            skipped_resume=max(0, len(listed) - missing - processed), skipped_non_image=listing.skipped_non_image, seconds=seconds,
+            skipped_resume=max(0, len(listed) - missing - processed), skipped_non_image=listing.skipped_non_image,
+            seconds=seconds,
             images_per_second=processed / seconds if seconds > 0 else 0.0, device=device, backend=backend,
             extra=extra, unlisted_rows=unlisted, set_aside=list(self._found["set_aside"]))
         if status == "complete" and missing:

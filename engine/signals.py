@@ -1,5 +1,6 @@
 """Graceful stop: the first SIGINT or SIGTERM asks a run to stop taking inputs and commit what is in flight; a second
-one leaves at once.
+one leaves at once (the command line exits the process; a library caller, say a notebook, gets KeyboardInterrupt
+instead of losing its interpreter).
 
 Handlers are installed only while a run is going, and only from the main thread (Python delivers signals there);
 elsewhere a run simply has no graceful stop.
@@ -37,9 +38,11 @@ def signal_name(signum: int) -> str:
 
 class GracefulStop:
     """Context manager: `requested` becomes the first stop signal's number; the second calls `on_abort` (which
-    must be quick) and exits the process at once with 128 + its number."""
+    must be quick), then exits the process at once with 128 + its number (exit_at_once) or raises
+    KeyboardInterrupt."""
 
-    def __init__(self, prog: str = "gradcam run"):
+    def __init__(self, exit_at_once: bool = False, prog: str = "gradcam run"):
+        self.exit_at_once = exit_at_once
         self.prog = prog
         self.requested: int | None = None
         self.on_abort: Callable[[int], None] | None = None
@@ -60,6 +63,10 @@ class GracefulStop:
         if self.requested is None:
             self.requested = signum
             return
+        if not self.exit_at_once:
+            if self.on_abort is not None:
+                self.on_abort(signum)
+            raise KeyboardInterrupt
         try:
             if self.on_abort is not None:
                 self.on_abort(signum)

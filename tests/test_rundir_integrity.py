@@ -111,7 +111,8 @@ def test_inputs_added_before_a_resume_never_replace_committed_shards(
     assert sorted(rows_by_path(run_dir)) == sorted(str(p) for p in folder.iterdir())
 
 
-def _three_shards(artifact: SmallArtifact, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[list[str], Path]:
+def _three_shards(artifact: SmallArtifact, tmp_path: Path,
+                  capsys: pytest.CaptureFixture[str]) -> tuple[list[str], Path]:
     write_scenes(tmp_path / "images", [(40 + i, 30 + i) for i in range(12)])
     argv = [str(artifact.root), str(tmp_path / "images"), "--out", str(tmp_path / "run"), "--shard-size", "4",
             "--batch-size", "2"]

@@ -3,7 +3,9 @@
 time-based commit keeps small. Real signals, sent to a real `gradcam run` process."""
 from __future__ import annotations
 
+import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -110,3 +112,35 @@ def test_a_shard_is_committed_every_commit_seconds_so_a_kill_loses_little(artifa
     assert main(["run", *argv]) == 0
     assert len(rows_by_path(run_dir)) == INPUTS
     assert run_json(run_dir)["counts"]["processed_this_run"] == INPUTS - committed
+
+
+def test_a_second_signal_in_a_library_call_raises_keyboard_interrupt_instead_of_ending_the_process(
+        artifact: SmallArtifact, slow: Path, tmp_path: Path) -> None:  # noqa: F811
+    """A notebook calling run_gradcam keeps its interpreter: the second Ctrl-C is a KeyboardInterrupt there."""
+    from gradcam_engine.engine.local_run import run_gradcam
+    from gradcam_engine.engine.run_config import RunConfig
+    from gradcam_engine.engine.session import SessionOptions
+
+    run_dir = tmp_path / "run"
+
+    def interrupt_twice() -> None:
+        wait_for(lambda: bool(journal_shards(run_dir)), what="a shard commit")
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    late: list[int] = []  # a signal after the run must not end the test session
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: late.append(signum))
+    sender = threading.Thread(target=interrupt_twice)
+    try:
+        sender.start()
+        with pytest.raises(KeyboardInterrupt):
+            run_gradcam(RunConfig(artifact=str(artifact.root), inputs=[str(slow)], out=str(run_dir), batch_size=8,
+                                  shard_size=2, workers=1, progress=False, session=SessionOptions(threads=1)))
+        sender.join()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert late == []
+    state = run_json(run_dir)
+    assert state["status"] == "interrupted" and "second SIGINT" in state["reason"]
+    assert not (run_dir / "run.lock").exists()

@@ -1,0 +1,162 @@
+"""The Ray runner keeps the run directory's guarantees: one writer, a journal of the shards its writer tasks commit,
+verified resume, any file name, the manifest checked before any image, and a graceful stop on a signal. One local
+Ray (2 CPUs) serves the module, as in test_ray_runner."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import tarfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from gradcam_engine.engine.run_config import RunConfig
+from gradcam_engine.engine.session import SessionOptions
+from engine_support import (SmallArtifact, artifact, copy_artifact, encode, scene,  # noqa: F401 (fixture)
+                            write_scenes)
+from rundir_support import journal_shards, run_json, slow_images
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[Any]:
+    import ray  # the dev extra installs it: a missing Ray fails here rather than skipping
+
+    ray.init(address="local", num_cpus=2, object_store_memory=200 << 20, include_dashboard=False,
+             log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def config(art: Path, inputs: list[Path], out: Path, **options: Any) -> RunConfig:
+    return RunConfig(artifact=str(art), inputs=[str(p) for p in inputs], out=str(out), progress=False,
+                     session=SessionOptions(threads=1), **{"batch_size": 2, "shard_size": 4, **options})
+
+
+def test_ray_refuses_a_run_directory_another_run_holds(ray_cluster: Any, artifact: SmallArtifact,  # noqa: F811
+                                                       tmp_path: Path) -> None:
+    from gradcam_engine.engine.errors import RunError
+    from gradcam_engine.engine.ray_run import RayOptions, run_gradcam_ray
+    from gradcam_engine.engine.runlock import RunLock
+
+    write_scenes(tmp_path / "images", [(40, 30), (30, 40)])
+    (tmp_path / "run").mkdir()
+    held = RunLock(tmp_path / "run")
+    held.acquire()
+    try:
+        with pytest.raises(RunError, match=rf"in use by another run \(pid {os.getpid()} on "):
+            run_gradcam_ray(config(artifact.root, [tmp_path / "images"], tmp_path / "run"), RayOptions(concurrency=1))
+    finally:
+        held.release()
+    assert list((tmp_path / "run").iterdir()) == []
+
+
+def test_ray_resume_verifies_every_shard_its_writers_committed_and_names_any_file(
+        ray_cluster: Any, artifact: SmallArtifact, tmp_path: Path) -> None:  # noqa: F811
+    from gradcam_engine.engine.ray_run import RayOptions, run_gradcam_ray
+    from gradcam_engine.engine.results import path_key
+
+    folder = tmp_path / "images"
+    write_scenes(folder, [(40 + i, 30 + i) for i in range(9)])
+    odd = os.fsdecode(os.fsencode(folder) + b"/caf\xe9.png")
+    Path(odd).write_bytes(encode(scene(48, 36, 1), "PNG"))
+    listed = os.fsdecode(os.fsencode(tmp_path) + b"/\xff listed.jpg")
+    Path(listed).write_bytes(encode(scene(30, 30, 2), "JPEG"))
+    (tmp_path / "list.txt").write_bytes(b"\xff listed.jpg\n")
+    member = os.fsdecode(b"na\xefve.jpg")
+    with tarfile.open(tmp_path / "shard.tar", "w", format=tarfile.GNU_FORMAT, encoding="utf-8",
+                      errors="surrogateescape") as archive:
+        data = encode(scene(44, 33, 4), "JPEG")
+        info = tarfile.TarInfo(member)
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+    run_dir = tmp_path / "run"
+    job = config(artifact.root, [folder, tmp_path / "list.txt", tmp_path / "shard.tar"], run_dir, overlays="all")
+
+    first = run_gradcam_ray(job, RayOptions(concurrency=1))
+
+    expected = {str(p) for p in folder.iterdir()} | {listed, f"{tmp_path / 'shard.tar'}::{member}"}
+    rows = pq.read_table(run_dir / "results").to_pylist()
+    assert sorted(path_key(row["path"]) for row in rows) == sorted(expected)
+    assert (first.images, first.ok) == (12, 12) and len(os.listdir(run_dir / "overlays")) == 12
+    journaled = journal_shards(run_dir)
+    assert {line["name"] for line in journaled} == {p.name for p in (run_dir / "results").iterdir()}
+    assert sum(line["rows"] for line in journaled) == 12
+
+    # Damage one committed shard and un-journal another, as a kill between a writer's rename and the journal does.
+    victim, unjournaled = sorted(journaled, key=lambda line: line["name"])[:2]
+    victim_path = run_dir / "results" / victim["name"]
+    data = victim_path.read_bytes()
+    victim_path.write_bytes(data[:len(data) // 2] + b"\x5a" * 64 + data[len(data) // 2 + 64:])
+    journal = run_dir / "journal.jsonl"
+    journal.write_text("".join(line for line in journal.read_text().splitlines(keepends=True)
+                               if unjournaled["name"] not in line))
+
+    again = run_gradcam_ray(job, RayOptions(concurrency=1))
+
+    assert (again.processed, again.ok) == (victim["rows"], 12)
+    verified = run_json(run_dir)["verified_at_start"]
+    assert verified["adopted"] == [unjournaled["name"]]
+    assert [event["shard"] for event in verified["set_aside"]] == [victim["name"]]
+    assert (run_dir / "damaged" / victim["name"]).exists()
+    table = pd.read_parquet(run_dir / "results")
+    assert len(table) == 12 and sorted(path_key(p) for p in table["path"]) == sorted(expected)
+
+
+def test_ray_checks_the_manifest_before_any_image_is_read(ray_cluster: Any, artifact: SmallArtifact,  # noqa: F811
+                                                          tmp_path: Path) -> None:
+    from gradcam_engine.engine.errors import ArtifactError
+    from gradcam_engine.engine.ray_run import RayOptions, run_gradcam_ray
+
+    copy = copy_artifact(artifact, tmp_path / "artifact")
+    manifest = json.loads((copy.root / "manifest.json").read_text())
+    manifest["class_names"] = ["cat", "dog", "fish"]
+    (copy.root / "manifest.json").write_text(json.dumps(manifest))
+    write_scenes(tmp_path / "images", [(40, 30)])
+    with pytest.raises(ArtifactError, match='"class_names" is'):
+        run_gradcam_ray(config(copy.root, [tmp_path / "images"], tmp_path / "run"), RayOptions(concurrency=1))
+    assert not (tmp_path / "run").exists()
+
+
+def test_ray_run_stops_gracefully_on_a_signal_and_resumes(ray_cluster: Any, artifact: SmallArtifact,  # noqa: F811
+                                                          tmp_path: Path) -> None:
+    from gradcam_engine.engine.ray_run import RayOptions, run_gradcam_ray
+    from gradcam_engine.engine.signals import RunInterrupted
+
+    slow_images(tmp_path / "slow", 40)
+    run_dir = tmp_path / "run"
+    job = config(artifact.root, [tmp_path / "slow"], run_dir)
+
+    def interrupt_after_a_commit() -> None:
+        deadline = time.monotonic() + 120
+        while not journal_shards(run_dir) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    late: list[int] = []  # a signal that came after the run had ended must not end the test session
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: late.append(signum))
+    sender = threading.Thread(target=interrupt_after_a_commit)
+    try:
+        sender.start()
+        with pytest.raises(RunInterrupted) as stopped:
+            run_gradcam_ray(job, RayOptions(concurrency=1))
+        sender.join()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert late == [] and stopped.value.exit_code == 130
+    state = run_json(run_dir)
+    assert state["status"] == "interrupted" and "SIGINT" in state["reason"]
+    committed = sum(line["rows"] for line in journal_shards(run_dir))
+    assert 0 < committed < 40 and state["counts"]["ok"] == committed
+    assert not (run_dir / "run.lock").exists()
+
+    complete = run_gradcam_ray(job, RayOptions(concurrency=1))
+    assert (complete.images, complete.ok) == (40, 40)
+    paths = pq.read_table(run_dir / "results", columns=["path"]).column("path").to_pylist()
+    assert len(paths) == len(set(paths)) == 40
