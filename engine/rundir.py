@@ -227,6 +227,10 @@ class RunDirectory:
         state = self.journal.read()
         previous, unreadable = self._read_run_json()
         recorded = state.fingerprint or (previous or {}).get("fingerprint")
+        if not isinstance(recorded, dict):
+            recorded = None
+        elif isinstance(recorded.get("inputs"), list):  # also a run.json written before inputs were normalised
+            recorded = {**recorded, "inputs": [normalise_spec(str(s)) for s in recorded["inputs"]]}
         has_results = self.results.is_dir() and any(self.results.iterdir())
         if recorded is not None and recorded != fingerprint:
             changed = sorted(k for k in set(fingerprint) | set(recorded) if recorded.get(k) != fingerprint.get(k))
@@ -238,7 +242,9 @@ class RunDirectory:
                                f"{RESULTS_DIR}/ belongs to; use another --out, or --overwrite to start again")
             raise RunError(f"{self.out}: has results but no {RUN_JSON}; use another --out or --overwrite")
         self._identified = True
-        self.repaired = f"{RUN_JSON} was unreadable ({unreadable}); rewritten from {JOURNAL}" if unreadable else ""
+        if unreadable:
+            self.repaired = f"{RUN_JSON} was unreadable ({unreadable}); rewritten " + (
+                f"from {JOURNAL}" if state.fingerprint else "(no results were committed)")
         state.fingerprint = fingerprint
         self._reconcile(state)
 
