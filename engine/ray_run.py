@@ -20,7 +20,6 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from gradcam_engine.engine.artifact import Artifact, load_artifact

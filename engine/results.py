@@ -11,7 +11,6 @@ is always valid UTF-8 and `path_key` turns it back into the exact name.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import uuid
@@ -24,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gradcam_engine.engine import contract as C
+from gradcam_engine.engine.artifact import sha256_file
 from gradcam_engine.engine.pipeline import LoadedBatch
 
 RESULTS_DIR = "results"
@@ -179,14 +179,6 @@ def is_shard_name(name: str) -> bool:
     return name.startswith(SHARD_PREFIX) and name.endswith(SHARD_SUFFIX)
 
 
-def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fsync_path(path: Path) -> None:
     """Flush a file or directory to stable storage (on NFS: to the server), so a rename commits written bytes."""
     fd = os.open(path, os.O_RDONLY)
@@ -208,7 +200,7 @@ def stage_shard(staging_dir: Path, table: pa.Table, name: str, base: str) -> tup
         back = pq.read_table(tmp, page_checksum_verification=True)
         if back.num_rows != table.num_rows:
             raise OSError(0, f"shard read back with {back.num_rows} of {table.num_rows} rows")
-        return tmp, ShardRecord(name, table.num_rows, sha256_of(tmp), tmp.stat().st_size)
+        return tmp, ShardRecord(name, table.num_rows, sha256_file(tmp), tmp.stat().st_size)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -36,12 +36,13 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from gradcam_engine.engine.artifact import sha256_file
 from gradcam_engine.engine.errors import RunError, UserError, first_line, one_line
 from gradcam_engine.engine.inputs import Identities, InputItem, InputListing, normalise_spec
 from gradcam_engine.engine.journal import JOURNAL, Journal, JournalState, write_atomically
 from gradcam_engine.engine.overlay import OVERLAY_DIR, overlay_name
 from gradcam_engine.engine.results import (RESULTS_DIR, ShardRecord, is_shard_name, path_key, publish_shard,
-                                           read_shard, sha256_of, shard_base, shard_name, stage_shard)
+                                           read_shard, shard_base, shard_name, stage_shard)
 from gradcam_engine.engine.run_config import RunConfig
 from gradcam_engine.engine.runlock import RunLock
 from gradcam_engine.engine.signals import RunInterrupted, signal_name
@@ -317,7 +318,7 @@ class RunDirectory:
         size = path.stat().st_size
         if size != record.bytes:
             return f"size {size} bytes, committed as {record.bytes}"
-        if sha256_of(path) != record.sha256:
+        if sha256_file(path) != record.sha256:
             return "checksum mismatch"
         return ""
 
@@ -356,7 +357,7 @@ class RunDirectory:
         if not self._read_rows(path, rows, known=set(rows.status)):
             self._set_aside(path, "not journaled and repeats rows already committed", table.num_rows, state)
             return None
-        return ShardRecord(path.name, table.num_rows, sha256_of(path), path.stat().st_size)
+        return ShardRecord(path.name, table.num_rows, sha256_file(path), path.stat().st_size)
 
     def _set_aside(self, path: Path, reason: str, rows: int | None, state: JournalState) -> None:
         """Move a shard out of results/ into damaged/ (kept, never deleted) and record why."""

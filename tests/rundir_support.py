@@ -26,6 +26,23 @@ def gradcam(*args: str, cwd: Path | None = None, timeout: float = 120) -> subpro
                           capture_output=True, text=True, timeout=timeout)
 
 
+def gradcam_here(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """`gradcam run ARGV` in this process: (exit code, stdout, stderr)."""
+    from gradcam_engine.cli.main import main
+
+    capsys.readouterr()
+    code = main(["run", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_ok(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """`gradcam run ARGV` in this process; its summary (fails on a non-zero exit)."""
+    code, out, err = gradcam_here(argv, capsys)
+    assert code == 0, err
+    return out
+
+
 def start_gradcam(*args: str, cwd: Path | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "gradcam_engine.cli", *args], cwd=cwd or REPO, env=child_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -9,18 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from gradcam_engine.cli.main import main
 from engine_support import (SmallArtifact, artifact, results_table, rows_by_path, scene,  # noqa: F401 (fixture)
                             write_image, write_scenes)
-from rundir_support import (fill, journal_shards, needs_root, one_line, read_only, run_json, stray_files,
-                            tmpfs)
+from rundir_support import (fill, gradcam_here, journal_shards, needs_root, one_line, read_only, run_json,
+                            stray_files, tmpfs)
 
-
-def gradcam_run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main(["run", *argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @needs_root
@@ -30,13 +23,13 @@ def test_a_full_disk_at_start_fails_in_one_line_and_leaves_nothing_behind(
     with tmpfs(tmp_path / "disk", "256k") as disk:
         filler = fill(disk)
         argv = [str(artifact.root), str(tmp_path / "images"), "--out", str(disk / "run")]
-        code, _, err = gradcam_run(argv, capsys)
+        code, _, err = gradcam_here(argv, capsys)
         assert code == 2
         assert "No space left on device" in one_line(err)
         assert os.listdir(disk) == ["filler"]  # no run directory, no temporary file
 
         filler.unlink()
-        code, out, err = gradcam_run(argv, capsys)
+        code, out, err = gradcam_here(argv, capsys)
         assert code == 0, err
         assert len(rows_by_path(disk / "run")) == 3 and run_json(disk / "run")["status"] == "complete"
 
@@ -49,7 +42,7 @@ def test_a_full_disk_during_a_run_fails_in_one_line_and_keeps_what_was_committed
         run_dir = disk / "run"
         argv = [str(artifact.root), str(tmp_path / "images"), "--out", str(run_dir), "--shard-size", "2",
                 "--batch-size", "2"]
-        code, _, err = gradcam_run(argv, capsys)
+        code, _, err = gradcam_here(argv, capsys)
         assert code == 2
         assert "No space left on device" in one_line(err)
         state = run_json(run_dir)
@@ -60,7 +53,7 @@ def test_a_full_disk_during_a_run_fails_in_one_line_and_keeps_what_was_committed
         assert stray_files(run_dir) == []
 
         subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
-        code, out, err = gradcam_run(argv, capsys)
+        code, out, err = gradcam_here(argv, capsys)
         assert code == 0, err
         assert out.startswith(f"30 images: 30 ok, 0 errors; processed {30 - committed} ")
         assert len(rows_by_path(run_dir)) == 30 and run_json(run_dir)["status"] == "complete"
@@ -73,13 +66,13 @@ def test_a_read_only_results_folder_is_found_before_any_image_is_read(
     write_scenes(folder, [(40, 30), (30, 40)])
     run_dir = tmp_path / "run"
     argv = [str(artifact.root), str(folder), "--out", str(run_dir), "--overlays", "all"]
-    assert gradcam_run(argv, capsys)[0] == 0
+    assert gradcam_here(argv, capsys)[0] == 0
     for i in range(3):
         write_image(folder / f"new_{i}.png", scene(36, 28, 50 + i))
     overlays = sorted((run_dir / "overlays").iterdir())
 
     with read_only(run_dir / "results"):
-        code, _, err = gradcam_run(argv, capsys)
+        code, _, err = gradcam_here(argv, capsys)
         assert code == 2
         line = one_line(err)
         assert f"{run_dir / 'results'}: not writable (Read-only file system); nothing was computed" in line
@@ -87,7 +80,7 @@ def test_a_read_only_results_folder_is_found_before_any_image_is_read(
         state = run_json(run_dir)
         assert state["status"] == "failed" and "Read-only file system" in state["reason"]
 
-    code, out, err = gradcam_run(argv, capsys)
+    code, out, err = gradcam_here(argv, capsys)
     assert code == 0, err
     assert len(rows_by_path(run_dir)) == 5 and len(list((run_dir / "overlays").iterdir())) == 5
 
@@ -97,11 +90,11 @@ def test_a_truncated_run_json_is_rewritten_from_the_journal(artifact: SmallArtif
     write_scenes(tmp_path / "images", [(40, 30), (30, 40), (50, 50)])
     run_dir = tmp_path / "run"
     argv = [str(artifact.root), str(tmp_path / "images"), "--out", str(run_dir)]
-    assert gradcam_run(argv, capsys)[0] == 0
+    assert gradcam_here(argv, capsys)[0] == 0
     text = (run_dir / "run.json").read_text()
     (run_dir / "run.json").write_text(text[:len(text) // 2])
 
-    code, out, err = gradcam_run(argv, capsys)
+    code, out, err = gradcam_here(argv, capsys)
 
     assert code == 0, err
     assert "processed 0 " in out
@@ -115,19 +108,19 @@ def test_an_unreadable_run_json_with_nothing_to_identify_the_run_is_refused_in_o
     write_scenes(tmp_path / "images", [(40, 30), (30, 40)])
     run_dir = tmp_path / "run"
     argv = [str(artifact.root), str(tmp_path / "images"), "--out", str(run_dir)]
-    assert gradcam_run(argv, capsys)[0] == 0
+    assert gradcam_here(argv, capsys)[0] == 0
     (run_dir / "run.json").write_text('{"status": "compl')
     (run_dir / "journal.jsonl").unlink()
     shards = {p.name: p.read_bytes() for p in (run_dir / "results").iterdir()}
 
-    code, _, err = gradcam_run(argv, capsys)
+    code, _, err = gradcam_here(argv, capsys)
 
     assert code == 2
     line = one_line(err)
     assert f"{run_dir / 'run.json'}: unreadable" in line and "--overwrite" in line
     assert {p.name: p.read_bytes() for p in (run_dir / "results").iterdir()} == shards
     assert (run_dir / "run.json").read_text() == '{"status": "compl'  # not ours to rewrite: left as found
-    assert gradcam_run([*argv, "--overwrite"], capsys)[0] == 0
+    assert gradcam_here([*argv, "--overwrite"], capsys)[0] == 0
     assert len(rows_by_path(run_dir)) == 2
 
 
@@ -140,13 +133,13 @@ def test_out_of_range_options_are_refused_in_one_line_before_anything_is_written
     run_dir = tmp_path / "run"
     argv = [str(artifact.root), str(tmp_path / "images"), "--out", str(run_dir)]
     fresh = tmp_path / "fresh"
-    code, _, err = gradcam_run([str(artifact.root), str(tmp_path / "images"), "--out", str(fresh), *option], capsys)
+    code, _, err = gradcam_here([str(artifact.root), str(tmp_path / "images"), "--out", str(fresh), *option], capsys)
     assert code == 2
     assert one_line(err).startswith(f"gradcam run: error: {option[0]} {option[1]}: must be")
     assert not fresh.exists()
 
-    assert gradcam_run(argv, capsys)[0] == 0  # an existing run is left as it is
+    assert gradcam_here(argv, capsys)[0] == 0  # an existing run is left as it is
     before = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
-    code, _, err = gradcam_run([*argv, *option], capsys)
+    code, _, err = gradcam_here([*argv, *option], capsys)
     assert code == 2 and one_line(err)
     assert {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before

@@ -9,18 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from gradcam_engine.cli.main import main
 from engine_support import (SmallArtifact, artifact, encode, rows_by_path, run_python,  # noqa: F401 (fixture)
                             scene, write_scenes)
-from rundir_support import gradcam, one_line, run_json
+from rundir_support import gradcam, one_line, run_json, run_ok
 
 
-def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    capsys.readouterr()
-    code = main(["run", *argv])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    return out
 
 
 def test_every_non_empty_path_list_line_is_one_input_taken_verbatim(
@@ -31,7 +24,7 @@ def test_every_non_empty_path_list_line_is_one_input_taken_verbatim(
     listing = tmp_path / "list.txt"
     listing.write_bytes(b" leading space.png\n\ntrailing space.png \n#hash first.png\nplain.png\ncrlf ended.png\r\n")
 
-    out = run([str(artifact.root), str(listing), "--out", str(tmp_path / "run")], capsys)
+    out = run_ok([str(artifact.root), str(listing), "--out", str(tmp_path / "run")], capsys)
 
     rows = rows_by_path(tmp_path / "run")
     assert sorted(rows) == sorted(str(tmp_path / name) for name in names)
@@ -94,10 +87,10 @@ def test_the_same_inputs_spelled_differently_resume_without_duplicates(
     monkeypatch.chdir(tmp_path)
     write_scenes(tmp_path / "images", [(40 + i, 30 + i) for i in range(6)])
     (tmp_path / "alias").symlink_to(tmp_path / "images")
-    run([str(artifact.root), "images", "--out", "run"], capsys)
+    run_ok([str(artifact.root), "images", "--out", "run"], capsys)
 
     for spelling in ("images/", "./images", str(tmp_path / "images"), "alias"):
-        out = run([str(artifact.root), spelling, "--out", "run"], capsys)
+        out = run_ok([str(artifact.root), spelling, "--out", "run"], capsys)
         assert "processed 0 " in out and "(6 already done, resumed)" in out, spelling
 
     assert len(rows_by_path(tmp_path / "run")) == 6
@@ -110,11 +103,11 @@ def test_rows_of_inputs_no_longer_listed_are_counted_apart_and_kept(
         artifact: SmallArtifact, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
     images = write_scenes(tmp_path / "images", [(40 + i, 30 + i) for i in range(10)])
     argv = [str(artifact.root), str(tmp_path / "images"), "--out", str(tmp_path / "run")]
-    run(argv, capsys)
+    run_ok(argv, capsys)
     for gone in images[3:5]:
         gone.unlink()
 
-    out = run(argv, capsys)
+    out = run_ok(argv, capsys)
 
     assert out.startswith("8 images: 8 ok, 0 errors; 2 rows of inputs no longer listed kept in results/; "
                           "processed 0 ")

@@ -13,19 +13,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from gradcam_engine.cli.main import main
 from engine_support import (SmallArtifact, artifact, encode, rows_by_path, scene,  # noqa: F401 (fixture)
                             write_image, write_scenes)
-from rundir_support import journal_shards, run_json, stray_files
+from rundir_support import journal_shards, run_json, run_ok, stray_files
 
 
-def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    """`gradcam run ...` in this process; its summary line (fails on a non-zero exit)."""
-    capsys.readouterr()
-    code = main(["run", *argv])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    return out
 
 
 def test_the_path_escape_is_one_to_one_and_leaves_valid_names_alone() -> None:
@@ -69,7 +61,7 @@ def test_a_file_name_that_is_not_utf8_gets_one_row_from_a_folder_a_path_list_and
     argv = [str(artifact.root), str(folder), str(listed / "list.txt"), str(shard), "--out", str(run_dir),
             "--overlays", "all", "--batch-size", "2"]
 
-    out = run(argv, capsys)
+    out = run_ok(argv, capsys)
 
     from gradcam_engine.engine.results import path_key
 
@@ -86,7 +78,7 @@ def test_a_file_name_that_is_not_utf8_gets_one_row_from_a_folder_a_path_list_and
     assert len(overlays) == 6 and all(name.decode("utf-8").endswith(".jpg") for name in overlays)
     assert out.startswith("6 images: 6 ok, 0 errors")
 
-    again = run(argv, capsys)
+    again = run_ok(argv, capsys)
     assert "processed 0 " in again and "(6 already done, resumed)" in again
     assert pq.read_table(run_dir / "results").num_rows == 6
 
@@ -97,13 +89,13 @@ def test_inputs_added_before_a_resume_never_replace_committed_shards(
     write_scenes(folder, [(40 + i, 30 + i) for i in range(12)])
     run_dir = tmp_path / "run"
     argv = [str(artifact.root), str(folder), "--out", str(run_dir)]
-    run(argv, capsys)
+    run_ok(argv, capsys)
     before = {p.name: p.read_bytes() for p in (run_dir / "results").iterdir()}
     # One sorts first, one lands last among the earlier run's positions: listing positions no longer name anything.
     write_image(folder / "aaa_new.png", scene(33, 44, 99))
     write_image(folder / "img_0009_b.png", scene(35, 41, 98))
 
-    out = run(argv, capsys)
+    out = run_ok(argv, capsys)
 
     assert out.startswith("14 images: 14 ok, 0 errors; processed 2 ")
     after = {p.name: p.read_bytes() for p in (run_dir / "results").iterdir()}
@@ -116,7 +108,7 @@ def _three_shards(artifact: SmallArtifact, tmp_path: Path,
     write_scenes(tmp_path / "images", [(40 + i, 30 + i) for i in range(12)])
     argv = [str(artifact.root), str(tmp_path / "images"), "--out", str(tmp_path / "run"), "--shard-size", "4",
             "--batch-size", "2"]
-    run(argv, capsys)
+    run_ok(argv, capsys)
     assert len(list((tmp_path / "run" / "results").glob("part-*.parquet"))) == 3
     return argv, tmp_path / "run"
 
@@ -133,7 +125,7 @@ def test_a_damaged_shard_is_set_aside_and_exactly_its_rows_are_redone(
     damaged = data[:middle] if damage == "truncated" else data[:middle] + b"\xa5" * 64 + data[middle + 64:]
     victim.write_bytes(damaged)
 
-    out = run(argv, capsys)
+    out = run_ok(argv, capsys)
 
     assert out.startswith(f"12 images: 12 ok, 0 errors; 1 damaged shard(s) set aside in {run_dir / 'damaged'}/ "
                           f"(4 rows redone); processed 4 ")
@@ -162,7 +154,7 @@ def test_a_shard_renamed_but_never_journaled_is_adopted_when_whole_and_set_aside
         shard = run_dir / "results" / unjournaled
         shard.write_bytes(shard.read_bytes()[:300])
 
-    out = run(argv, capsys)
+    out = run_ok(argv, capsys)
 
     state = run_json(run_dir)["verified_at_start"]
     if shard_state == "intact":
