@@ -45,19 +45,20 @@ def _until_stopped(items: Iterable[InputItem], stop: GracefulStop) -> Iterator[I
 def _run(config: RunConfig, session: Session | None, stop: GracefulStop) -> RunSummary:
     overlay_limit = parse_overlays(config.overlays)
     listing = list_inputs(config.inputs)  # raises InputError for a missing path, before anything is written
-    if session is None:
-        session = GradCAMSession(load_artifact(config.artifact, verify=[]), config.session_options())
-    artifact = session.artifact
-    labels = artifact.class_names
-    class_index = resolve_target(config.target, labels)
-    precision = session.precision
-    run_fingerprint = fingerprint(config, artifact.checksum, class_index, precision)
-    backend = f"{config.session.backend} {precision}"
-    if stop.requested is not None:
-        raise RunInterrupted("interrupted before the run started; nothing was written", stop.requested)
     run_dir = RunDirectory(config.out)
-    with run_dir.opened(run_fingerprint, config.overwrite):
+    with run_dir.opened():  # the lock first: a second run is refused before it loads a model
         stop.on_abort = run_dir.abort
+        if session is None:
+            session = GradCAMSession(load_artifact(config.artifact, verify=[]), config.session_options())
+        artifact = session.artifact
+        labels = artifact.class_names
+        class_index = resolve_target(config.target, labels)
+        precision = session.precision
+        run_fingerprint = fingerprint(config, artifact.checksum, class_index, precision)
+        backend = f"{config.session.backend} {precision}"
+        if stop.requested is not None:
+            raise RunInterrupted("interrupted before the run started; nothing was written", stop.requested)
+        run_dir.prepare(run_fingerprint, config.overwrite)
         pending = run_dir.pending(listing)
         overlay_keys = {item.key for item in listing.items[:overlay_limit]} if overlay_limit else set()
         run_dir.start(config, run_fingerprint, session.device, precision, overlays=bool(overlay_keys))

@@ -202,41 +202,41 @@ def run_gradcam_ray(config: RunConfig, options: RayOptions = RayOptions()) -> Ru
     class_index = resolve_target(config.target, artifact.class_names)
     run_dir = RunDirectory(config.out)
     with ray_session(ray, options), progress_bars(ray, config.progress), \
-            GracefulStop(exit_at_once=config.exit_on_second_signal) as stop:
+            GracefulStop(exit_at_once=config.exit_on_second_signal) as stop, run_dir.opened():
+        stop.on_abort = run_dir.abort
         device, precision = probe(ray, str(artifact.root.resolve()), session_options, options)
         run_fingerprint = fingerprint(config, artifact.checksum, class_index, precision)
         backend = f"{config.session.backend} {precision}"
         extra = {"overlays": overlay_limit > 0 and bool(listing.items), "runner": "ray"}
         if stop.requested is not None:
             raise RunInterrupted("interrupted before the run started; nothing was written", stop.requested)
-        with run_dir.opened(run_fingerprint, config.overwrite):
-            stop.on_abort = run_dir.abort
-            pending = run_dir.pending(listing)
-            ray_info = {**{k: (dict(v) if isinstance(v, Mapping) else v) for k, v in asdict(options).items()},
-                        "cluster": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}}
-            run_dir.start(config, run_fingerprint, device, precision, overlays=bool(extra["overlays"]),
-                          runner="ray", ray=ray_info, versions={"ray": ray.__version__})
-            start = time.perf_counter()
-            if pending:
-                dataset = build_dataset(ray, pending, config, options, artifact, session_options, class_index,
-                                        overlay_limit, run_dir)
-                try:
-                    for shard in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-                        for i in range(len(shard["shard"])):
-                            run_dir.record(ShardRecord(str(shard["shard"][i]), int(shard["rows"][i]),
-                                                       str(shard["sha256"][i]), int(shard["bytes"][i])))
-                        if stop.requested is not None:
-                            break
-                except Exception as e:
-                    cause = user_cause(e)
-                    if cause is not None:
-                        raise cause from None
-                    raise
-            seconds = time.perf_counter() - start
-            if stop.requested is not None:
-                raise run_dir.interrupted(stop.requested, listing, seconds, device, backend, extra)
-            written = run_dir.committed_this_run
-            if written != len(pending):
-                raise RunError(f"{config.out}: the Ray run wrote {written} of {len(pending)} rows; run it again to "
-                               "complete it")
-            return run_dir.finish(listing, written, seconds, device, backend, extra)
+        run_dir.prepare(run_fingerprint, config.overwrite)
+        pending = run_dir.pending(listing)
+        ray_info = {**{k: (dict(v) if isinstance(v, Mapping) else v) for k, v in asdict(options).items()},
+                    "cluster": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}}
+        run_dir.start(config, run_fingerprint, device, precision, overlays=bool(extra["overlays"]),
+                      runner="ray", ray=ray_info, versions={"ray": ray.__version__})
+        start = time.perf_counter()
+        if pending:
+            dataset = build_dataset(ray, pending, config, options, artifact, session_options, class_index,
+                                    overlay_limit, run_dir)
+            try:
+                for shard in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                    for i in range(len(shard["shard"])):
+                        run_dir.record(ShardRecord(str(shard["shard"][i]), int(shard["rows"][i]),
+                                                   str(shard["sha256"][i]), int(shard["bytes"][i])))
+                    if stop.requested is not None:
+                        break
+            except Exception as e:
+                cause = user_cause(e)
+                if cause is not None:
+                    raise cause from None
+                raise
+        seconds = time.perf_counter() - start
+        if stop.requested is not None:
+            raise run_dir.interrupted(stop.requested, listing, seconds, device, backend, extra)
+        written = run_dir.committed_this_run
+        if written != len(pending):
+            raise RunError(f"{config.out}: the Ray run wrote {written} of {len(pending)} rows; run it again to "
+                           "complete it")
+        return run_dir.finish(listing, written, seconds, device, backend, extra)

@@ -11,8 +11,8 @@
       .staging/      shards being written (a killed run's leftovers are deleted by the next run)
       .reserve       64 KiB held while a run goes, freed to record its end in run.json even on a full disk
 
-A run: `opened` takes the lock and prepares (the fingerprint must match; journaled shards are verified by size and
-sha256, a damaged one is set aside and its rows redone, a shard committed but not journaled is read back whole and
+A run: `opened` takes the lock; `prepare` checks the fingerprint and verifies what is there (journaled shards by size
+and sha256, a damaged one set aside and its rows redone, a shard committed but not journaled read back whole and
 adopted, or set aside); `pending` is what has no verified row; `start` checks that every folder it writes is
 writable and marks run.json "running"; `commit` adds a shard; `finish` verifies everything again and reports counts
 for the current listing. What is done is derived from verified shards only, so either runner can resume a run the
@@ -157,9 +157,10 @@ class RunDirectory:
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
     @contextmanager
-    def opened(self, fingerprint: dict[str, Any], overwrite: bool) -> Iterator["RunDirectory"]:
-        """Hold the lock while the run prepares, computes and commits; a failure after the directory is known to
-        hold this run is recorded in run.json (status "failed" and the reason), and the lock is always released."""
+    def opened(self) -> Iterator["RunDirectory"]:
+        """Hold the lock while the run loads its model, prepares (`prepare`), computes and commits; a failure after
+        the directory is known to hold this run is recorded in run.json (status "failed" and the reason), a
+        directory this run created is removed again if nothing was written, and the lock is always released."""
         try:
             self._created = not self.out.exists()
             self.out.mkdir(parents=True, exist_ok=True)
@@ -172,7 +173,6 @@ class RunDirectory:
             raise
         try:
             self._hold_reserve()
-            self.prepare(fingerprint, overwrite)
             yield self
         except RunInterrupted:
             raise
