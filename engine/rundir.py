@@ -36,16 +36,15 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from gradcam_engine.engine.artifact import sha256_file
 from gradcam_engine.engine.errors import RunError, UserError, first_line, one_line
 from gradcam_engine.engine.inputs import Identities, InputItem, InputListing, normalise_spec
 from gradcam_engine.engine.journal import JOURNAL, Journal, JournalState, write_atomically
 from gradcam_engine.engine.overlay import OVERLAY_DIR, overlay_name
-from gradcam_engine.engine.results import (RESULTS_DIR, ShardRecord, is_shard_name, path_key, publish_shard,
-                                           read_shard, shard_base, shard_name, stage_shard)
+from gradcam_engine.engine.results import RESULTS_DIR, ShardRecord, publish_shard, shard_name, stage_shard
 from gradcam_engine.engine.run_config import RunConfig
 from gradcam_engine.engine.runlock import RunLock
 from gradcam_engine.engine.signals import RunInterrupted, signal_name
+from gradcam_engine.engine.verify import CommittedRows, Findings, ShardCheck
 
 RUN_JSON = "run.json"
 DAMAGED_DIR = "damaged"
@@ -123,14 +122,6 @@ def _os_reason(e: OSError) -> str:
     return one_line(e.strerror or e)
 
 
-@dataclass
-class _Rows:
-    """The committed rows, read from verified shards: identity -> status, and each row's `path` text."""
-
-    status: dict[str, str] = field(default_factory=dict)
-    paths: list[str] = field(default_factory=list)
-
-
 class RunDirectory:
     """One run directory, written by one run at a time."""
 
@@ -149,7 +140,7 @@ class RunDirectory:
         self._seq = itertools.count()
         self._state = JournalState()
         self._committed_now: list[ShardRecord] = []
-        self._found: dict[str, Any] = {"set_aside": [], "adopted": [], "missing": []}
+        self._found = Findings()
         self._done: set[str] = set()
         self._identified = False
         self._created = False
@@ -273,37 +264,19 @@ class RunDirectory:
 
     # --- verification -------------------------------------------------------------------------------------------
     def _reconcile(self, state: JournalState) -> None:
-        """Delete half-written files, verify journaled shards, adopt or set aside the rest of results/, and
-        rewrite the journal; afterwards results/ holds exactly the verified shards."""
+        """Delete half-written files, keep the shards that verify (engine.verify), and rewrite the journal with
+        exactly those: afterwards results/ holds exactly the verified shards."""
         self._clear_staging()
         for folder in (self.results, self.overlays):
             if folder.is_dir():
                 for tmp in folder.glob(".*.tmp"):
                     tmp.unlink(missing_ok=True)
-        verified: list[ShardRecord] = []
-        rows = _Rows()
-        names = set()
-        for record in state.shards:
-            if record.name in names:
-                continue
-            names.add(record.name)
-            path = self.results / record.name
-            if not path.is_file():
-                self._found["missing"].append({"shard": record.name, "rows": record.rows})
-                continue
-            problem = self._check(path, record)
-            if problem or not self._read_rows(path, rows):
-                self._set_aside(path, problem or "does not read back", record.rows, state)
-                continue
-            verified.append(record)
-        for path in sorted(self.results.iterdir()) if self.results.is_dir() else []:
-            if path.name in {r.name for r in verified}:
-                continue
-            record = self._adopt(path, rows, state)
-            if record is not None:
-                verified.append(record)
-                self._found["adopted"].append(record.name)
-        state.shards = verified
+        rows = CommittedRows()
+        check = ShardCheck(self.results, self.damaged, self._found)
+        trusted = check.journaled(state.shards, rows)
+        trusted += check.strays({r.name for r in trusted}, rows)
+        state.shards = trusted
+        state.set_aside += self._found.set_aside
         try:
             self.journal.rewrite(state)
         except OSError as e:
@@ -312,66 +285,6 @@ class RunDirectory:
         self._state = state
         self._done = set(rows.status)
         self._clean_overlays(rows.paths)
-
-    def _check(self, path: Path, record: ShardRecord) -> str:
-        """Why a journaled shard cannot be trusted, or ""."""
-        size = path.stat().st_size
-        if size != record.bytes:
-            return f"size {size} bytes, committed as {record.bytes}"
-        if sha256_file(path) != record.sha256:
-            return "checksum mismatch"
-        return ""
-
-    def _read_rows(self, path: Path, rows: _Rows, known: set[str] | None = None) -> bool:
-        """Add a shard's rows; False (nothing added) when it does not read back whole, or repeats a row already
-        committed (or one of its own)."""
-        try:
-            table = read_shard(path, columns=["path", "status"])
-            identities = Identities(shard_base(path))
-        except Exception:  # pyarrow raises several types on damaged files
-            return False
-        texts = table.column("path").to_pylist()
-        statuses = table.column("status").to_pylist()
-        ids = [identities(path_key(t)) for t in texts]
-        if known is not None and (len(set(ids)) != len(ids) or not known.isdisjoint(ids)):
-            return False
-        rows.status.update(zip(ids, statuses))
-        rows.paths.extend(texts)
-        return True
-
-    def _adopt(self, path: Path, rows: _Rows, state: JournalState) -> ShardRecord | None:
-        """A file in results/ the journal does not list (a kill between a shard's rename and its journal line, or
-        a file put there by hand): a shard that reads back whole, with none of its rows already committed, is
-        journaled; anything else is set aside."""
-        if not (path.is_file() and is_shard_name(path.name)):
-            self._set_aside(path, "not a shard committed by this run", None, state)
-            return None
-        try:
-            table = read_shard(path)
-        except Exception as e:
-            self._set_aside(path, f"not journaled and does not read back ({first_line(e, 100)})", None, state)
-            return None
-        if "path" not in table.column_names or "status" not in table.column_names:
-            self._set_aside(path, "not journaled and not a results shard", table.num_rows, state)
-            return None
-        if not self._read_rows(path, rows, known=set(rows.status)):
-            self._set_aside(path, "not journaled and repeats rows already committed", table.num_rows, state)
-            return None
-        return ShardRecord(path.name, table.num_rows, sha256_file(path), path.stat().st_size)
-
-    def _set_aside(self, path: Path, reason: str, rows: int | None, state: JournalState) -> None:
-        """Move a shard out of results/ into damaged/ (kept, never deleted) and record why."""
-        self.damaged.mkdir(parents=True, exist_ok=True)
-        target = self.damaged / path.name
-        for n in itertools.count(1):
-            if not target.exists():
-                break
-            target = self.damaged / f"{path.name}.{n}"
-        os.replace(path, target)
-        event = {"shard": path.name, "reason": reason, "rows": rows, "moved_to": f"{DAMAGED_DIR}/{target.name}",
-                 "found": _now()}
-        state.set_aside.append(event)
-        self._found["set_aside"].append(event)
 
     def _clean_overlays(self, paths: list[str]) -> None:
         """Overlays of rows that were never committed (a killed run wrote them) are removed; their rows are redone."""
@@ -409,9 +322,9 @@ class RunDirectory:
                      "versions": versions, "attempt": self.attempt, "holder": self.lock.info(),
                      "started": _now(), "journal": JOURNAL,
                      "verified_at_start": {"shards": len(self._state.shards),
-                                           "adopted": self._found["adopted"],
-                                           "missing": self._found["missing"],
-                                           "set_aside": self._found["set_aside"]},
+                                           "adopted": list(self._found.adopted),
+                                           "missing": list(self._found.missing),
+                                           "set_aside": list(self._found.set_aside)},
                      "set_aside": self._state.set_aside}
         if self.repaired:
             self.info["repaired"] = self.repaired
@@ -471,36 +384,35 @@ class RunDirectory:
     def committed_this_run(self) -> int:
         return sum(r.rows for r in self._committed_now)
 
-    def _final_rows(self) -> tuple[_Rows, list[ShardRecord]]:
-        """Every committed shard verified again (size, sha256, reads back), strays in results/ adopted or set aside:
-        the dataset a complete run reports is whole."""
-        state = self._state
-        records = state.shards + self._committed_now
-        rows = _Rows()
-        kept: list[ShardRecord] = []
-        for record in records:
-            path = self.results / record.name
-            problem = "missing" if not path.is_file() else self._check(path, record)
-            if problem or not self._read_rows(path, rows):
-                if path.is_file():
-                    self._set_aside(path, problem or "does not read back", record.rows, state)
-                raise RunError(f"{path}: changed after it was committed ({problem or 'does not read back'}); "
-                               "rerun the same command to redo its rows")
-            kept.append(record)
-        names = {r.name for r in kept}
-        for path in sorted(self.results.iterdir()) if self.results.is_dir() else []:
-            if path.name not in names:
-                record = self._adopt(path, rows, state)
-                if record is not None:
-                    self.record(record)
-                    kept.append(record)
-        return rows, kept
+    def _final_rows(self) -> CommittedRows:
+        """Every committed shard verified again (size, sha256, reads back) and strays in results/ adopted or set
+        aside, so the dataset a complete run reports is whole."""
+        rows = CommittedRows()
+        found = Findings()
+        check = ShardCheck(self.results, self.damaged, found)
+        records = self._state.shards + self._committed_now
+        try:
+            for record in records:
+                path = self.results / record.name
+                problem = "missing" if not path.is_file() else check.problem(path, record, rows)
+                if problem:
+                    if path.is_file():
+                        check.set_aside(path, problem, record.rows)
+                    raise RunError(f"{path}: changed after it was committed ({problem}); rerun the same command "
+                                   "to redo its rows")
+            for record in check.strays({r.name for r in records}, rows):
+                self.record(record)
+        finally:
+            self._found.set_aside += found.set_aside
+            self._found.adopted += found.adopted
+            self._state.set_aside += found.set_aside
+        return rows
 
     def finish(self, listing: InputListing, processed: int, seconds: float, device: str, backend: str,
                extra: dict[str, Any], status: str = "complete", note: str = "") -> RunSummary:
         """Verify the results again, mark run.json with counts for the current listing and throughput, return
         the summary; a "complete" run whose listing is not wholly covered by verified rows is refused."""
-        rows, _ = self._final_rows()
+        rows = self._final_rows()
         identities = Identities(os.getcwd())
         listed = [identities(item.key) for item in listing.items]
         listed_set = set(listed)
@@ -512,7 +424,7 @@ class RunDirectory:
             skipped_resume=max(0, len(listed) - missing - processed), skipped_non_image=listing.skipped_non_image,
             seconds=seconds,
             images_per_second=processed / seconds if seconds > 0 else 0.0, device=device, backend=backend,
-            extra=extra, unlisted_rows=unlisted, set_aside=list(self._found["set_aside"]))
+            extra=extra, unlisted_rows=unlisted, set_aside=list(self._found.set_aside))
         if status == "complete" and missing:
             self.info.update(status="failed", reason=f"{missing} listed inputs have no row")
             self._write_run_json()

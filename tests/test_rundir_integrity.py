@@ -15,7 +15,8 @@ import pytest
 
 from engine_support import (SmallArtifact, artifact, encode, rows_by_path, scene,  # noqa: F401 (fixture)
                             write_image, write_scenes)
-from rundir_support import journal_shards, run_json, run_ok, stray_files
+from rundir_support import (finish, gradcam, journal_shards, one_line, run_json, run_ok, slow_images, start_gradcam,
+                            stray_files, wait_for)
 
 
 
@@ -167,3 +168,26 @@ def test_a_shard_renamed_but_never_journaled_is_adopted_when_whole_and_set_aside
         assert (run_dir / "damaged" / unjournaled).exists()
     assert len(rows_by_path(run_dir)) == 12
     assert {p.name for p in (run_dir / "results").iterdir()} == {line["name"] for line in journal_shards(run_dir)}
+
+
+def test_a_run_never_reports_complete_over_a_shard_damaged_while_it_ran(artifact: SmallArtifact,  # noqa: F811
+                                                                         tmp_path: Path) -> None:
+    slow_images(tmp_path / "slow", 24)
+    run_dir = tmp_path / "run"
+    argv = ["run", str(artifact.root), str(tmp_path / "slow"), "--out", str(run_dir), "--workers", "1",
+            "--batch-size", "2", "--shard-size", "2"]
+    process = start_gradcam(*argv)
+    try:
+        wait_for(lambda: bool(journal_shards(run_dir)), process, what="a shard commit")
+        shard = run_dir / "results" / journal_shards(run_dir)[0]["name"]
+        data = shard.read_bytes()
+        shard.write_bytes(data[:100] + b"\x00" * 32 + data[132:])  # the disk, or a person, changed it
+    finally:
+        code, out, err = finish(process)
+    assert code == 2, out + err
+    assert f"{shard}: changed after it was committed (checksum mismatch)" in one_line(err)
+    state = run_json(run_dir)
+    assert state["status"] == "failed" and (run_dir / "damaged" / shard.name).exists()
+
+    assert gradcam(*argv).returncode == 0  # the rerun redoes exactly that shard's rows
+    assert len(rows_by_path(run_dir)) == 24 and run_json(run_dir)["status"] == "complete"

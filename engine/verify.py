@@ -1,0 +1,133 @@
+"""Which shards in results/ can be trusted, decided from their own bytes: what a resumed run counts as done.
+
+A journaled shard is trusted when its size and sha256 match the journal and it reads back. A file the journal does
+not list (a kill between a shard's rename and its journal line, or a file put there by hand) is read back whole and
+adopted when it is a results shard none of whose rows is already committed. Anything else is set aside: moved to
+damaged/, kept as found, never deleted, and recorded with the reason; the rows it held are then simply not done.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gradcam_engine.engine.artifact import sha256_file
+from gradcam_engine.engine.errors import first_line
+from gradcam_engine.engine.inputs import Identities
+from gradcam_engine.engine.results import ShardRecord, is_shard_name, path_key, read_shard, shard_base
+
+
+@dataclass
+class CommittedRows:
+    """The rows of trusted shards: input identity -> status, and each row's `path` text."""
+
+    status: dict[str, str] = field(default_factory=dict)
+    paths: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Findings:
+    """What a check found, for run.json and the summary."""
+
+    set_aside: list[dict[str, Any]] = field(default_factory=list)
+    adopted: list[str] = field(default_factory=list)
+    missing: list[dict[str, Any]] = field(default_factory=list)
+
+
+class ShardCheck:
+    """Checks results/ against a list of journaled shards, moving what cannot be trusted to `damaged`."""
+
+    def __init__(self, results: Path, damaged: Path, findings: Findings):
+        self.results = results
+        self.damaged = damaged
+        self.findings = findings
+
+    def journaled(self, records: list[ShardRecord], rows: CommittedRows) -> list[ShardRecord]:
+        """The journaled shards that verify, their rows added to `rows`; a missing one is noted (its rows are
+        redone), a damaged one set aside."""
+        trusted: list[ShardRecord] = []
+        names: set[str] = set()
+        for record in records:
+            if record.name in names:
+                continue
+            names.add(record.name)
+            path = self.results / record.name
+            if not path.is_file():
+                self.findings.missing.append({"shard": record.name, "rows": record.rows})
+                continue
+            problem = self.problem(path, record, rows)
+            if problem:
+                self.set_aside(path, problem, record.rows)
+                continue
+            trusted.append(record)
+        return trusted
+
+    def strays(self, trusted: set[str], rows: CommittedRows) -> list[ShardRecord]:
+        """Every other file in results/: adopted (returned, rows added) or set aside."""
+        adopted = []
+        for path in sorted(self.results.iterdir()) if self.results.is_dir() else []:
+            if path.name in trusted:
+                continue
+            record = self._adopt(path, rows)
+            if record is not None:
+                adopted.append(record)
+                self.findings.adopted.append(record.name)
+        return adopted
+
+    def problem(self, path: Path, record: ShardRecord, rows: CommittedRows | None = None) -> str:
+        """Why a journaled shard cannot be trusted, or "" (its rows then added to `rows`)."""
+        size = path.stat().st_size
+        if size != record.bytes:
+            return f"size {size} bytes, committed as {record.bytes}"
+        if sha256_file(path) != record.sha256:
+            return "checksum mismatch"
+        return "" if rows is None or self.read_rows(path, rows) else "does not read back"
+
+    def read_rows(self, path: Path, rows: CommittedRows, fresh: bool = False) -> bool:
+        """Add a shard's rows; False (nothing added) when it does not read back, or, when `fresh`, repeats a row
+        already committed or one of its own."""
+        try:
+            table = read_shard(path, columns=["path", "status"])
+            identities = Identities(shard_base(path))
+        except Exception:  # pyarrow raises several types on damaged files
+            return False
+        texts = table.column("path").to_pylist()
+        ids = [identities(path_key(t)) for t in texts]
+        if fresh and (len(set(ids)) != len(ids) or not rows.status.keys().isdisjoint(ids)):
+            return False
+        rows.status.update(zip(ids, table.column("status").to_pylist()))
+        rows.paths.extend(texts)
+        return True
+
+    def _adopt(self, path: Path, rows: CommittedRows) -> ShardRecord | None:
+        if not (path.is_file() and is_shard_name(path.name)):
+            self.set_aside(path, "not a shard committed by this run", None)
+            return None
+        try:
+            table = read_shard(path)
+        except Exception as e:
+            self.set_aside(path, f"not journaled and does not read back ({first_line(e, 100)})", None)
+            return None
+        if "path" not in table.column_names or "status" not in table.column_names:
+            self.set_aside(path, "not journaled and not a results shard", table.num_rows)
+            return None
+        if not self.read_rows(path, rows, fresh=True):
+            self.set_aside(path, "not journaled and repeats rows already committed", table.num_rows)
+            return None
+        return ShardRecord(path.name, table.num_rows, sha256_file(path), path.stat().st_size)
+
+    def set_aside(self, path: Path, reason: str, rows: int | None) -> None:
+        """Move a file out of results/ into damaged/ (kept as found) and record why."""
+        self.damaged.mkdir(parents=True, exist_ok=True)
+        target = self.damaged / path.name
+        for n in itertools.count(1):
+            if not target.exists():
+                break
+            target = self.damaged / f"{path.name}.{n}"
+        os.replace(path, target)
+        self.findings.set_aside.append({"shard": path.name, "reason": reason, "rows": rows,
+                                        "moved_to": f"{self.damaged.name}/{target.name}",
+                                        "found": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
