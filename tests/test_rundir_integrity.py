@@ -172,7 +172,7 @@ def test_a_shard_renamed_but_never_journaled_is_adopted_when_whole_and_set_aside
 
 def test_a_run_never_reports_complete_over_a_shard_damaged_while_it_ran(artifact: SmallArtifact,  # noqa: F811
                                                                          tmp_path: Path) -> None:
-    slow_images(tmp_path / "slow", 24)
+    slow_images(tmp_path / "slow", 12)
     run_dir = tmp_path / "run"
     argv = ["run", str(artifact.root), str(tmp_path / "slow"), "--out", str(run_dir), "--workers", "1",
             "--batch-size", "2", "--shard-size", "2"]
@@ -190,4 +190,4 @@ def test_a_run_never_reports_complete_over_a_shard_damaged_while_it_ran(artifact
     assert state["status"] == "failed" and (run_dir / "damaged" / shard.name).exists()
 
     assert gradcam(*argv).returncode == 0  # the rerun redoes exactly that shard's rows
-    assert len(rows_by_path(run_dir)) == 24 and run_json(run_dir)["status"] == "complete"
+    assert len(rows_by_path(run_dir)) == 12 and run_json(run_dir)["status"] == "complete"
