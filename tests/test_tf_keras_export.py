@@ -155,6 +155,36 @@ def test_mixed_precision_twin_of_a_tf_keras_model_computes_in_float16(softmax) -
                                np.asarray(softmax.model(x, training=False)), atol=0.02)
 
 
+def test_mixed_precision_twin_rebuilds_a_backbone_made_from_its_constructor_arguments() -> None:
+    """A Model Garden backbone's config is its constructor's arguments (no per-layer dtypes): its layers are built
+    again under the mixed policy."""
+    import tf_keras
+
+    from gradcam_engine.export.mixed import mixed_precision_twin
+
+    class ConfigBackbone(tf_keras.Model):  # the pattern of tfm.vision.backbones.ResNet
+        def __init__(self, width: int = 4, **kwargs):
+            image = tf_keras.Input((16, 16, 3))
+            super().__init__(inputs=image, outputs={"5": tf_keras.layers.Conv2D(width, 3, name="conv")(image)},
+                             **kwargs)
+            self.width = width
+
+        def get_config(self) -> dict:
+            return {"width": self.width, "name": self.name}
+
+        @classmethod
+        def from_config(cls, config: dict, custom_objects=None) -> "ConfigBackbone":
+            return cls(**config)
+
+    image = tf_keras.Input((16, 16, 3))
+    backbone = ConfigBackbone(name="config_backbone")
+    model = tf_keras.Model(image, tf_keras.layers.Dense(2)(tf_keras.layers.GlobalAveragePooling2D()(
+        backbone(image)["5"])))
+    twin = mixed_precision_twin(model)
+    assert twin.get_layer("config_backbone").get_layer("conv").compute_dtype == "float16"
+    assert tf_keras.mixed_precision.global_policy().name == "float32"  # the process's policy is left as it was
+
+
 def test_lambda_head_exports_with_a_dynamic_batch_and_matches_the_notebook(lambda_head, softmax) -> None:
     """An opaque head is differentiated per image inside an ONNX Loop: correct for any batch, saved with its
     weights (a lambda's layers are tracked through the variables the graph reads)."""
