@@ -89,6 +89,7 @@ def _pair_parts(backbone: Any, head: Any, options: ExportOptions) -> ModelParts:
     """A (backbone, head) pair: the layer names a level of a backbone returning a dict, or a layer inside a Keras
     backbone returning one tensor."""
     from gradcam_engine.export.frameworks import framework_of
+    from gradcam_engine.export.graph import missing_level
     from gradcam_engine.export.head import KerasHead, head_from
     from gradcam_engine.export.locate import split_model
 
@@ -100,21 +101,20 @@ def _pair_parts(backbone: Any, head: Any, options: ExportOptions) -> ModelParts:
     fw = framework_of(backbone)
     key = None if options.layer == "auto" else options.layer
     path = key or "backbone output"
+    name = getattr(backbone, "name", None) or getattr(backbone, "__name__", "backbone")
     tracked = [backbone, *(head if isinstance(head, (list, tuple)) else [head])]
     graph = fw is not None and fw.is_model(backbone)
     if graph and isinstance(backbone.output, dict):
         if key not in backbone.output:
-            raise ExportError(f"backbone {backbone.name!r} returns a dict of levels {sorted(backbone.output)}; name "
-                              f"one with --layer / ExportOptions(layer=...){'' if key is None else f' ({key!r} is not one)'}")
+            raise missing_level(f"backbone {backbone.name!r}", list(backbone.output), key)
     elif graph and key is not None:  # a layer inside a backbone returning one tensor: the rest joins the head
         if not isinstance(head_obj, KerasHead):
             raise ExportError(f"layer {key!r} inside backbone {backbone.name!r} needs the head as Keras layers "
                               "(not a callable), so the layers after it can join the head")
         split = split_model(backbone, key)
-        backbone, key, path = split.backbone, None, f"{backbone.name}/{split.layer_path}"
+        backbone, key, path = split.backbone, None, f"{name}/{split.layer_path}"
         head_obj = KerasHead([*split.head, *head_obj.layers], options.score)
-    return ModelParts(backbone, head_obj, path, key, (int(size[0]), int(size[1])),
-                      getattr(backbone, "name", None) or getattr(backbone, "__name__", "backbone"), tracked,
+    return ModelParts(backbone, head_obj, path, key, (int(size[0]), int(size[1])), name, tracked,
                       framework=fw.name if fw else None)
 
 

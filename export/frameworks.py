@@ -36,6 +36,8 @@ class Framework:
     name = ""     # for messages and the manifest: "keras", "tf_keras"
     package = ""  # its import name
     saved_as_object = True  # a SavedModel tracks its models as objects (else only the variables the graph reads)
+    history_layer = ""      # the field of a symbolic tensor's `_keras_history` that holds its layer
+    node_inputs = ""        # the attribute of a graph node listing its input tensors, flat
 
     @property
     def module(self) -> ModuleType:
@@ -68,18 +70,21 @@ class Framework:
         return cls.__name__ if getattr(self.module.layers, cls.__name__, None) is cls else None
 
     def producer(self, tensor: Any) -> Producer:
-        raise NotImplementedError
+        history = tensor._keras_history
+        layer = getattr(history, self.history_layer)
+        node = layer._inbound_nodes[history.node_index]
+        return Producer(layer, list(getattr(node, self.node_inputs)), history.tensor_index)
 
     def call_inputs(self, layer: Any) -> list[Any]:
         """The input tensors of a layer's first call in the graph it belongs to (a nested model's call)."""
-        raise NotImplementedError
+        return list(getattr(layer._inbound_nodes[0], self.node_inputs)) if layer._inbound_nodes else []
 
     def functional(self, inputs: Any, outputs: Any, name: str) -> Any:
         """A functional model from symbolic tensors of this framework, sharing their layers and weights."""
         return self.module.Model(inputs, outputs, name=name)
 
     def load(self, path: str) -> Any:
-        raise NotImplementedError
+        return self.module.models.load_model(path, compile=False)
 
     def knows_class(self, class_name: str) -> bool:
         """Whether a class name in a saved config resolves: a built-in layer or model, or a registered class."""

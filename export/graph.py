@@ -22,7 +22,15 @@ def gradcam_map(feature_maps: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
     return tf.where(peak > 0, cam / safe, tf.zeros_like(cam))                      # 0 where the map is all <= 0
 
 
+def missing_level(backbone: str, levels: list[str], key: str | None) -> ExportError:
+    """The error for a backbone returning a dict of levels when the layer names none of them."""
+    return ExportError(f"{backbone} returns a dict of levels {sorted(levels)}; name one with --layer / "
+                       f"ExportOptions(layer=...){'' if key is None else f' ({key!r} is not one)'}")
+
+
 class _Parts:
+    """The backbone and head, held where tf.Module does not look: FusedGradCAM chooses what its SavedModel tracks."""
+
     def __init__(self, backbone: Any, head: Any):
         self.backbone, self.head = backbone, head
 
@@ -34,13 +42,17 @@ def _saved_as_object(obj: Any) -> bool:
 
 
 class FusedGradCAM(tf.Module):
-    """Holds the model parts (so a SavedModel tracks their weights) and the one fused function."""
+    """Holds the model parts (so a SavedModel tracks their weights) and the one fused function.
+
+    Keras 3 models and layers are tracked as objects; tf_keras ones only through the variables the traced function
+    reads (`concrete_function`), which also covers weights that only a head callable's closure knows.
+    """
 
     def __init__(self, backbone: Callable[[tf.Tensor], Any], head: KerasHead | CallableHead,
                  input_size: tuple[int, int], preprocessing: str, feature_key: str | None = None,
                  tracked: list[Any] | None = None, jit_compile: bool = False):
         super().__init__(name="gradcam")
-        self._parts = _Parts(backbone, head)  # a plain holder: what the SavedModel tracks is chosen below
+        self._parts = _Parts(backbone, head)
         trackable = tf.__internal__.tracking.Trackable
         self.tracked = [t for t in [*(tracked or []), *getattr(head, "layers", [])]
                         if isinstance(t, trackable) and _saved_as_object(t)]
@@ -64,8 +76,7 @@ class FusedGradCAM(tf.Module):
         key = self._feature_key
         if isinstance(fm, dict):
             if key not in fm:
-                raise ExportError(f"the backbone returns a dict of levels {sorted(fm)}; name one with --layer / "
-                                  f"ExportOptions(layer=...){'' if key is None else f' ({key!r} is not one)'}")
+                raise missing_level("the backbone", list(fm), key)
             return fm[key]
         if key is not None:
             raise ExportError(f"the backbone returns one tensor, not a dict of levels, so layer {key!r} names "
@@ -81,7 +92,7 @@ class FusedGradCAM(tf.Module):
             fm = backbone(x, training=False) if hasattr(backbone, "layers") else backbone(x)
             fm = self._level(fm)
         with tf.name_scope("head"):
-            out = self._parts.head(fm)                               # predictions (N, K), scores (N, K)
+            out = self._parts.head(fm)                        # predictions (N, K), scores (N, K)
             top1 = tf.argmax(out.predictions, axis=-1, output_type=tf.int32)
             target = tf.where(class_index < 0, top1, class_index)  # (N,)
             num_classes = out.scores.shape[-1] or tf.shape(out.scores)[-1]  # static when known: a constant OneHot depth

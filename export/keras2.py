@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gradcam_engine.export.frameworks import Framework, Producer
+from gradcam_engine.export.frameworks import Framework
 
 
 def _dtypes_to(config: Any, policy: str) -> Any:
@@ -28,17 +28,8 @@ class Keras2(Framework):
     # tf.saved_model.save traces every call function of every tf_keras layer it tracks (seconds for a small model,
     # and warnings), for a Keras SavedModel the artifact never uses: the fused graph tracks their variables instead.
     saved_as_object = False
-
-    def producer(self, tensor: Any) -> Producer:
-        history = tensor._keras_history
-        node = history.layer._inbound_nodes[history.node_index]
-        return Producer(history.layer, list(node.keras_inputs), history.tensor_index)
-
-    def call_inputs(self, layer: Any) -> list[Any]:
-        return list(layer._inbound_nodes[0].keras_inputs) if layer._inbound_nodes else []
-
-    def load(self, path: str) -> Any:
-        return self.module.models.load_model(path, compile=False)
+    history_layer = "layer"
+    node_inputs = "keras_inputs"  # input_tensors keeps the call's structure (one tensor, or a list for Add)
 
     def mixed_twin(self, model: Any, policy: str) -> Any:
         """Clone under a global `policy`: explicit float32 configs are rewritten, and layers a custom model builds

@@ -1,9 +1,10 @@
-"""The Keras 3 adapter: symbolic tensors know their operation, nodes their input tensors; models save as .keras."""
+"""The Keras 3 adapter: symbolic tensors know their `operation`, nodes their `input_tensors`; a mixed twin is
+rebuilt from the serialized config with its DTypePolicies rewritten."""
 from __future__ import annotations
 
 from typing import Any
 
-from gradcam_engine.export.frameworks import Framework, Producer
+from gradcam_engine.export.frameworks import Framework
 
 
 def _policies_to(node: Any, policy: str) -> Any:
@@ -20,17 +21,8 @@ def _policies_to(node: Any, policy: str) -> Any:
 class Keras3(Framework):
     name = "keras"
     package = "keras"
-
-    def producer(self, tensor: Any) -> Producer:
-        history = tensor._keras_history
-        node = history.operation._inbound_nodes[history.node_index]
-        return Producer(history.operation, list(node.input_tensors), history.tensor_index)
-
-    def call_inputs(self, layer: Any) -> list[Any]:
-        return list(layer._inbound_nodes[0].input_tensors) if layer._inbound_nodes else []
-
-    def load(self, path: str) -> Any:
-        return self.module.models.load_model(path, compile=False)
+    history_layer = "operation"
+    node_inputs = "input_tensors"
 
     def mixed_twin(self, model: Any, policy: str) -> Any:
         saving = self.module.saving

@@ -219,6 +219,25 @@ def test_dict_backbone_without_a_level_lists_the_levels(linear, tmp_path) -> Non
     assert "'6' is not one" in message
 
 
+def test_pair_layer_inside_a_single_output_backbone_moves_the_rest_into_the_head() -> None:
+    import tf_keras
+
+    from gradcam_engine.export import ExportOptions
+    from gradcam_engine.export.api import model_parts
+
+    L = tf_keras.layers
+    image = tf_keras.Input((16, 16, 3))
+    x = L.Conv2D(4, 3, name="conv")(image)
+    backbone = tf_keras.Model(image, L.BatchNormalization(name="bn")(L.ReLU(name="relu")(x)), name="plain")
+    gap, dense = L.GlobalAveragePooling2D(name="gap"), L.Dense(2, name="out")
+    dense(gap(backbone.output))  # built
+    parts = model_parts((backbone, [gap, dense]), ExportOptions(layer="relu"))
+    assert parts.layer_path == "plain/relu" and parts.name == "plain" and parts.input_size == (16, 16)
+    assert parts.feature_key is None
+    assert [layer.name for layer in parts.head.layers] == ["bn", "gap", "out"]
+    assert parts.backbone.output.shape[1:] == (14, 14, 4)
+
+
 def test_subclassed_tf_keras_model_is_refused_with_the_pair_route(tmp_path) -> None:
     import tf_keras
 

@@ -164,7 +164,8 @@ def run_saved_model(root: Path, images: np.ndarray, class_index: np.ndarray,
     import tensorflow as tf
 
     signature = tf.saved_model.load(str(root / name)).signatures[C.SIGNATURE]
-    return {k: v.numpy() for k, v in signature(images=tf.constant(images), class_index=tf.constant(class_index)).items()}
+    outputs = signature(images=tf.constant(images), class_index=tf.constant(class_index))
+    return {k: v.numpy() for k, v in outputs.items()}
 
 
 def assert_matches(got: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> None:
