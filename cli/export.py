@@ -1,4 +1,4 @@
-"""`gradcam export`: a Keras model -> an artifact directory (SavedModel + ONNX + manifest)."""
+"""`gradcam export`: a Keras or tf_keras model (a file, or module.py:function) -> an artifact directory."""
 from __future__ import annotations
 
 import argparse
@@ -13,10 +13,12 @@ def _export(args: argparse.Namespace) -> int:
 
     import_tensorflow("gradcam export")
     from gradcam_engine.export import ExportOptions, export_artifact, read_class_names
+    from gradcam_engine.export.sources import import_modules
 
+    import_modules(args.imports or [])
     options = ExportOptions(
         layer=args.layer, preprocessing=args.preprocess, opset=args.opset, precision=args.precision,
-        class_names=read_class_names(args.classes) if args.classes else None,
+        score=args.score, class_names=read_class_names(args.classes) if args.classes else None,
         input_size=args.input_size, overwrite=args.overwrite)
     manifest = export_artifact(args.model, args.out, options)
     print(summary(manifest, args.out))
@@ -45,18 +47,25 @@ def summary(manifest: dict[str, Any], out: str) -> str:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `export` subcommand."""
-    from gradcam_engine.export.api import EXPORT_PRECISIONS, ExportOptions
+    from gradcam_engine.export.api import EXPORT_PRECISIONS, SCORES, ExportOptions
 
     ex = sub.add_parser("export", help="export a Keras model as one fused Grad-CAM graph (SavedModel + ONNX)")
-    ex.add_argument("model", help="a Keras 3 .keras file")
+    ex.add_argument("model", help="a .keras or .h5 file (Keras 3 or tf_keras), or module.py:function / "
+                                  "package.module:function returning a model or a (backbone, head) pair")
     ex.add_argument("--out", required=True, help="artifact directory to create")
     ex.add_argument("--layer", default=default(ExportOptions, "layer"),
-                    help="target layer name, nested path (outer/inner) or auto")
+                    help="target layer name, nested path (outer/inner), a dict key of a (backbone, head) pair's "
+                         "backbone (5), or auto")
     ex.add_argument("--preprocess", default=default(ExportOptions, "preprocessing"), choices=C.PREPROCESSING,
                     help="input scaling built into the graph (caffe: ResNet50/VGG, tf: MobileNet, torch: DenseNet)")
     ex.add_argument("--classes", help="class names: a text file (one per line) or a JSON list")
     ex.add_argument("--opset", type=int, default=default(ExportOptions, "opset"))
     ex.add_argument("--precision", default=default(ExportOptions, "precision"), choices=EXPORT_PRECISIONS)
+    ex.add_argument("--score", default=default(ExportOptions, "score"), choices=SCORES,
+                    help="what is differentiated: the class logit (Grad-CAM paper), or the model's output as the "
+                         "seed notebook does (the softmax probability)")
     ex.add_argument("--input-size", type=size, help="HxW, for models whose input size is not fixed")
+    ex.add_argument("--import", dest="imports", action="append", metavar="MODULE",
+                    help="import MODULE first, so a saved model's custom classes resolve (repeatable)")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
     ex.set_defaults(handler=_export)

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import uuid
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,8 +15,9 @@ from gradcam_engine.engine.artifact import file_table
 from gradcam_engine.engine.errors import first_line
 from gradcam_engine.export.errors import ExportError
 
-ModelLike = Any  # a path to a .keras file, a keras.Model, or a (backbone, head) pair of callables
+ModelLike = Any  # a .keras/.h5 path, "module.py:function", a Keras or tf_keras model, or a (backbone, head) pair
 EXPORT_PRECISIONS = ("fp32", "fp16", "both")
+SCORES = ("logit", "output")  # what is differentiated: the class logit (Grad-CAM paper) or the model's own output
 DEFAULT_OPSET = 17
 
 
@@ -29,8 +29,9 @@ class ExportOptions:
     preprocessing: str = "none"
     class_names: Sequence[str] | None = None
     opset: int = DEFAULT_OPSET
-    input_size: tuple[int, int] | None = None  # needed for a backbone/head pair; read from a Keras model otherwise
+    input_size: tuple[int, int] | None = None  # read from the model (or a pair's backbone) when its input is fixed
     precision: str = "fp32"                    # one of EXPORT_PRECISIONS
+    score: str = "logit"                       # one of SCORES: "output" differentiates the softmax probability
     overwrite: bool = False
     verify_batch_sizes: tuple[int, ...] = field(default=(1, 3))
 
@@ -46,7 +47,8 @@ class ModelParts:
     input_size: tuple[int, int]   # (height, width)
     name: str                     # the model's name, for the manifest
     tracked: list[Any]            # objects the SavedModel must track (their weights)
-    keras_model: Any = None       # the whole Keras model when given as one (its mixed-precision twin is the fp16
+    framework: str | None = None  # "keras" or "tf_keras" (the backbone's); None for a plain callable
+    keras_model: Any = None       # the whole model when given as one (its mixed-precision twin is the fp16
                                   # SavedModel); None for a backbone/head pair
 
 
@@ -74,50 +76,61 @@ def read_class_names(path: str | Path) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def _load_keras(path: Path) -> Any:
-    import keras
+def _fixed_input_size(model: Any) -> tuple[int, int] | None:
+    """(H, W) of a Keras model's single image input when both are fixed."""
+    inputs = getattr(model, "inputs", None) or []
+    shape = tuple(inputs[0].shape) if len(inputs) == 1 else ()
+    if len(shape) == 4 and shape[1] is not None and shape[2] is not None:
+        return int(shape[1]), int(shape[2])
+    return None
 
-    if not path.exists():
-        raise ExportError(f"{path}: no such file")
-    if path.suffix not in (".keras", ".h5", ".hdf5"):
-        raise ExportError(f"{path}: not a Keras model file (expected a .keras file saved by Keras 3)")
-    if path.suffix == ".keras" and not zipfile.is_zipfile(path):  # Keras would call it "File not found"
-        raise ExportError(f"{path}: not a loadable Keras model (a .keras file is a zip archive; this one is not)")
-    try:
-        return keras.models.load_model(path, compile=False)
-    except Exception as e:  # Keras raises many types for a bad file
-        raise ExportError(f"{path}: not a loadable Keras model ({first_line(e, 200)})") from None
+
+def _pair_parts(backbone: Any, head: Any, options: ExportOptions) -> ModelParts:
+    """A (backbone, head) pair: the layer names a level of a backbone returning a dict, or a layer inside a Keras
+    backbone returning one tensor."""
+    from gradcam_engine.export.frameworks import framework_of
+    from gradcam_engine.export.graph import missing_level
+    from gradcam_engine.export.head import KerasHead, head_from
+    from gradcam_engine.export.locate import split_model
+
+    size = options.input_size or _fixed_input_size(backbone)
+    if size is None:
+        raise ExportError("a (backbone, head) pair whose backbone has no fixed input size needs "
+                          "input_size=(height, width) / --input-size HxW")
+    head_obj = head_from(head, options.score)
+    fw = framework_of(backbone)
+    key = None if options.layer == "auto" else options.layer
+    path = key or "backbone output"
+    name = getattr(backbone, "name", None) or getattr(backbone, "__name__", "backbone")
+    tracked = [backbone, *(head if isinstance(head, (list, tuple)) else [head])]
+    graph = fw is not None and fw.is_model(backbone)
+    if graph and isinstance(backbone.output, dict):
+        if key not in backbone.output:
+            raise missing_level(f"backbone {backbone.name!r}", list(backbone.output), key)
+    elif graph and key is not None:  # a layer inside a backbone returning one tensor: the rest joins the head
+        if not isinstance(head_obj, KerasHead):
+            raise ExportError(f"layer {key!r} inside backbone {backbone.name!r} needs the head as Keras layers "
+                              "(not a callable), so the layers after it can join the head")
+        split = split_model(backbone, key)
+        backbone, key, path = split.backbone, None, f"{name}/{split.layer_path}"
+        head_obj = KerasHead([*split.head, *head_obj.layers], options.score)
+    return ModelParts(backbone, head_obj, path, key, (int(size[0]), int(size[1])), name, tracked,
+                      framework=fw.name if fw else None)
 
 
 def model_parts(model: ModelLike, options: ExportOptions) -> ModelParts:
-    """Cut a model (a .keras path, a Keras model or a (backbone, head) pair) at its target layer."""
-    import keras
+    """Cut a model (a file, module.py:function, a Keras or tf_keras model, or a (backbone, head) pair) at its
+    target layer."""
+    from gradcam_engine.export.head import KerasHead
+    from gradcam_engine.export.locate import graph_framework, split_model
+    from gradcam_engine.export.sources import resolve
 
-    from gradcam_engine.export.head import CallableHead, KerasHead
-    from gradcam_engine.export.locate import layer_chain, split_model
-
-    if isinstance(model, (str, os.PathLike)):
-        model = _load_keras(Path(model))
+    model = resolve(model)
     if isinstance(model, tuple):
         if len(model) != 2:
             raise ExportError("a model given as a tuple must be (backbone, head)")
-        backbone, head = model
-        if options.input_size is None:
-            raise ExportError("a (backbone, head) pair needs input_size=(height, width)")
-        if isinstance(head, keras.Model):
-            head_obj = KerasHead(layer_chain(head))
-        elif isinstance(head, keras.layers.Layer):
-            head_obj = KerasHead([head])
-        elif isinstance(head, (list, tuple)) and all(isinstance(h, keras.layers.Layer) for h in head):
-            head_obj = KerasHead(list(head))
-        elif callable(head):
-            head_obj = CallableHead(head)
-        else:
-            raise ExportError(f"head must be Keras layers, a Keras model or a callable, got {type(head).__name__}")
-        key = None if options.layer == "auto" else options.layer
-        tracked = [backbone, head] if not isinstance(head, (list, tuple)) else [backbone, *head]
-        return ModelParts(backbone, head_obj, key or "backbone output", key, options.input_size,
-                          getattr(backbone, "name", "backbone"), tracked)
+        return _pair_parts(*model, options)
+    fw = graph_framework(model)
     split = split_model(model, options.layer)
     shape = tuple(model.inputs[0].shape)
     if len(shape) != 4 or shape[-1] != 3:
@@ -125,8 +138,8 @@ def model_parts(model: ModelLike, options: ExportOptions) -> ModelParts:
     size = options.input_size or (shape[1], shape[2])
     if size[0] is None or size[1] is None:
         raise ExportError("the model's input size is not fixed; pass input_size=(height, width) / --input-size HxW")
-    return ModelParts(split.backbone, KerasHead(split.head), split.layer_path, None, (int(size[0]), int(size[1])),
-                      model.name, [model], keras_model=model)
+    return ModelParts(split.backbone, KerasHead(split.head, options.score), split.layer_path, None,
+                      (int(size[0]), int(size[1])), model.name, [model], framework=fw.name, keras_model=model)
 
 
 def _check_writable(out: Path, overwrite: bool) -> None:
@@ -145,6 +158,8 @@ def _check_options(options: ExportOptions) -> None:
         raise ExportError(f"unknown preprocessing {options.preprocessing!r}; choose {', '.join(C.PREPROCESSING)}")
     if options.precision not in EXPORT_PRECISIONS:
         raise ExportError(f"unknown precision {options.precision!r}; choose {', '.join(EXPORT_PRECISIONS)}")
+    if options.score not in SCORES:
+        raise ExportError(f"unknown score {options.score!r}; choose {', '.join(SCORES)}")
 
 
 def export_artifact(model: ModelLike, out: str | Path, options: ExportOptions = ExportOptions()) -> dict[str, Any]:
@@ -162,7 +177,7 @@ def export_artifact(model: ModelLike, out: str | Path, options: ExportOptions = 
     module = FusedGradCAM(parts.backbone, parts.head, parts.input_size, options.preprocessing,
                           feature_key=parts.feature_key, tracked=parts.tracked)
     try:
-        concrete = module.gradcam.get_concrete_function()
+        concrete = module.concrete_function()
     except ExportError:
         raise
     except Exception as e:
@@ -189,7 +204,7 @@ def export_artifact(model: ModelLike, out: str | Path, options: ExportOptions = 
         precision: dict[str, str] = {}
         checks: dict[str, Any] = {}
         if options.precision in ("fp32", "both"):
-            tf.saved_model.save(module, str(tmp / C.SAVED_MODEL_DIR), signatures={C.SIGNATURE: concrete})
+            _save(module, tmp / C.SAVED_MODEL_DIR, concrete)
             checks[C.ONNX_FILE] = _write_onnx(tmp / C.ONNX_FILE, proto, module.gradcam, parts.input_size, options,
                                               "fp32")
             precision.update({C.SAVED_MODEL_DIR: "fp32", C.ONNX_FILE: "fp32"})
@@ -217,6 +232,16 @@ def export_artifact(model: ModelLike, out: str | Path, options: ExportOptions = 
     return manifest
 
 
+def _save(module: Any, path: Path, concrete: Any) -> None:
+    """tf.saved_model.save, its failures (an untracked resource, an unsaveable object) reported in one line."""
+    import tensorflow as tf
+
+    try:
+        tf.saved_model.save(module, str(path), signatures={C.SIGNATURE: concrete})
+    except Exception as e:  # TensorFlow raises AssertionError, ValueError, TypeError here
+        raise ExportError(f"writing the SavedModel failed: {type(e).__name__}: {first_line(e, 300)}") from None
+
+
 def _write_onnx(path: Path, proto: Any, fn: Any, size: tuple[int, int], options: ExportOptions,
                 precision: str) -> dict[str, Any]:
     """Check an ONNX graph against the TensorFlow function, then write it; returns the check's figures."""
@@ -236,10 +261,8 @@ def _write_onnx(path: Path, proto: Any, fn: Any, size: tuple[int, int], options:
 
 
 def _write_fp16_saved_model(path: Path, parts: ModelParts, options: ExportOptions) -> str | None:
-    """The fp16 SavedModel: the mixed-precision twin of a Keras model, XLA-compiled. None when written, else
-    why not (a backbone/head pair of plain callables has no Keras config to rebuild in mixed precision)."""
-    import tensorflow as tf
-
+    """The fp16 SavedModel: the mixed-precision twin of a Keras or tf_keras model, XLA-compiled. None when written,
+    else why not (a backbone/head pair has no one model to rebuild in mixed precision)."""
     from gradcam_engine.export.graph import FusedGradCAM
     from gradcam_engine.export.head import KerasHead
     from gradcam_engine.export.locate import split_model
@@ -247,11 +270,17 @@ def _write_fp16_saved_model(path: Path, parts: ModelParts, options: ExportOption
 
     if parts.keras_model is None:
         return "skipped: an fp16 SavedModel needs a Keras model (not a backbone/head pair); the fp16 ONNX is written"
-    twin = mixed_precision_twin(parts.keras_model)
+    try:
+        twin = mixed_precision_twin(parts.keras_model)
+    except ExportError:
+        raise
+    except Exception as e:  # a custom class whose config does not rebuild it
+        return (f"skipped: the model could not be rebuilt in mixed_float16 ({type(e).__name__}: {first_line(e, 200)})"
+                "; the fp16 ONNX is written")
     split = split_model(twin, options.layer)
-    module = FusedGradCAM(split.backbone, KerasHead(split.head), parts.input_size, options.preprocessing,
-                          tracked=[twin], jit_compile=True)
-    tf.saved_model.save(module, str(path), signatures={C.SIGNATURE: module.gradcam.get_concrete_function()})
+    module = FusedGradCAM(split.backbone, KerasHead(split.head, options.score), parts.input_size,
+                          options.preprocessing, tracked=[twin], jit_compile=True)
+    _save(module, path, module.concrete_function())
     return None
 
 
@@ -278,6 +307,7 @@ def _manifest(parts: ModelParts, options: ExportOptions, facts: GraphFacts, prec
         "num_classes": facts.num_classes,
         "class_names": facts.class_names,
         "target_layer": parts.layer_path,
+        "framework": parts.framework,
         "head": [f"{layer.name} ({type(layer).__name__})" for layer in getattr(parts.head, "layers", [])],
         "score": parts.head.score,
         "cam": {"height": int(fm_shape[1]), "width": int(fm_shape[2]), "channels": int(fm_shape[3]),
@@ -289,5 +319,13 @@ def _manifest(parts: ModelParts, options: ExportOptions, facts: GraphFacts, prec
         "precision": precision,
         "verification": checks,
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__, "tf2onnx": tf2onnx.__version__,
-                     "onnxruntime": onnxruntime.__version__},
+                     "onnxruntime": onnxruntime.__version__, **_tf_keras_version(parts)},
     }
+
+
+def _tf_keras_version(parts: ModelParts) -> dict[str, str]:
+    from gradcam_engine.export.frameworks import framework_named, framework_of
+
+    owners = {parts.framework, *(getattr(framework_of(layer), "name", None)
+                                 for layer in getattr(parts.head, "layers", []))}
+    return {"tf_keras": framework_named("tf_keras").version()} if "tf_keras" in owners else {}

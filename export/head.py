@@ -4,18 +4,18 @@ Why not let TensorFlow differentiate the head? Its gradient graph for a dynamic 
 (`BroadcastGradientArgs`, `DynamicStitch`, `Reshape` to computed shapes) that tf2onnx converts wrongly or not at all.
 The head of a classifier is a short chain of simple layers whose vector-Jacobian products are one line each, so we
 write them as plain forward ops: the graph stays small, exports with any batch size and runs fast everywhere.
-Each layer type registers one rule, in the manner of tf2onnx's op handlers; a layer without a rule is refused with
-its name, never approximated.
+Each layer kind registers one rule, in the manner of tf2onnx's op handlers, and the rule serves the Keras 3 and the
+tf_keras class of that kind alike; a layer without a rule is refused with its name, never approximated.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-import keras
 import tensorflow as tf
 
 from gradcam_engine.export.errors import ExportError
+from gradcam_engine.export.frameworks import framework_of, is_layer, layer_kind
 
 Pullback = Callable[[tf.Tensor], tf.Tensor]
 
@@ -24,21 +24,22 @@ class Rule(Protocol):
     def __call__(self, layer: Any, x: tf.Tensor) -> tuple[tf.Tensor, Pullback]: ...
 
 
-_RULES: dict[type, Rule] = {}
+_RULES: dict[str, Rule] = {}
 
 
-def head_rule(*layer_types: type) -> Callable[[Rule], Rule]:
-    """Register the forward-and-pullback rule of a head layer type."""
+def head_rule(*kinds: str) -> Callable[[Rule], Rule]:
+    """Register the forward-and-pullback rule of a head layer kind: the built-in class name, which Keras 3 and
+    tf_keras share (`"Dense"` covers keras.layers.Dense and tf_keras.layers.Dense)."""
     def register(rule: Rule) -> Rule:
-        for t in layer_types:
-            _RULES[t] = rule
+        for kind in kinds:
+            _RULES[kind] = rule
         return rule
     return register
 
 
 def supported_layers() -> list[str]:
-    """Names of the head layer types export can differentiate, for error messages and the README."""
-    return sorted(t.__name__ for t in _RULES)
+    """Names of the head layer kinds export can differentiate, for error messages and the README."""
+    return sorted(_RULES)
 
 
 def _v(variable: Any, dtype: tf.DType) -> tf.Tensor:
@@ -54,8 +55,16 @@ _ACTIVATIONS: dict[str, Callable[[tf.Tensor], tuple[tf.Tensor, Callable[[tf.Tens
     "sigmoid": lambda z: (lambda a: (a, lambda g: g * a * (1 - a)))(tf.sigmoid(z)),
     "tanh": lambda z: (lambda a: (a, lambda g: g * (1 - a * a)))(tf.tanh(z)),
 }
-# Final activations whose input is the class logit the Grad-CAM paper differentiates.
-_SCORE_ACTIVATIONS = {"softmax": "pre-softmax logit", "sigmoid": "pre-sigmoid logit"}
+# Final activations, as (forward, pullback given the forward value): with score "logit" their input is the class
+# logit the Grad-CAM paper differentiates; with score "output" their output is, as the seed notebook does.
+_FINAL: dict[str, tuple[Callable[[tf.Tensor], tf.Tensor], Callable[[tf.Tensor, tf.Tensor], tf.Tensor]]] = {
+    "softmax": (lambda z: tf.nn.softmax(z, axis=-1),
+                lambda p, g: p * (g - tf.reduce_sum(g * p, axis=-1, keepdims=True))),  # onehot: p_c (onehot - p)
+    "sigmoid": (tf.sigmoid, lambda p, g: g * p * (1 - p)),
+}
+_SCORE_NAMES = {("logit", "softmax"): "pre-softmax logit", ("logit", "sigmoid"): "pre-sigmoid logit",
+                ("output", "softmax"): "softmax probability (model output)",
+                ("output", "sigmoid"): "sigmoid probability (model output)"}
 
 
 def activation_name(fn: Any) -> str:
@@ -72,23 +81,23 @@ def _activation(name: str, z: tf.Tensor, where: str) -> tuple[tf.Tensor, Pullbac
 
 def _final_activation(layer: Any) -> str | None:
     """The softmax/sigmoid a head ends in, if the layer is one (Dense with it, or an activation layer)."""
-    if isinstance(layer, keras.layers.Softmax):
+    kind = layer_kind(layer)
+    if kind == "Softmax":
         return "softmax"
-    if isinstance(layer, (keras.layers.Dense, keras.layers.Activation)):
+    if kind in ("Dense", "Activation"):
         name = activation_name(layer.activation)
-        return name if name in _SCORE_ACTIVATIONS else None
+        return name if name in _FINAL else None
     return None
 
 
 # --- rules ----------------------------------------------------------------------------------------------------
-@head_rule(keras.layers.Dropout, keras.layers.SpatialDropout1D, keras.layers.SpatialDropout2D,
-           keras.layers.GaussianNoise, keras.layers.GaussianDropout, keras.layers.AlphaDropout,
-           keras.layers.ActivityRegularization, keras.layers.Identity, keras.layers.InputLayer)
+@head_rule("Dropout", "SpatialDropout1D", "SpatialDropout2D", "GaussianNoise", "GaussianDropout", "AlphaDropout",
+           "ActivityRegularization", "Identity", "InputLayer")
 def _identity(layer: Any, x: tf.Tensor) -> tuple[tf.Tensor, Pullback]:
     return x, lambda g: g  # identities at inference
 
 
-@head_rule(keras.layers.GlobalAveragePooling2D)
+@head_rule("GlobalAveragePooling2D")
 def _global_average_pooling(layer: Any, x: tf.Tensor) -> tuple[tf.Tensor, Pullback]:
     if layer.data_format != "channels_last":
         raise ExportError(f"head layer {layer.name!r}: only channels_last is supported")
@@ -101,7 +110,7 @@ def _global_average_pooling(layer: Any, x: tf.Tensor) -> tuple[tf.Tensor, Pullba
     return y, pullback
 
 
-@head_rule(keras.layers.GlobalMaxPooling2D)
+@head_rule("GlobalMaxPooling2D")
 def _global_max_pooling(layer: Any, x: tf.Tensor) -> tuple[tf.Tensor, Pullback]:
     if layer.data_format != "channels_last":
         raise ExportError(f"head layer {layer.name!r}: only channels_last is supported")
@@ -115,7 +124,7 @@ def _global_max_pooling(layer: Any, x: tf.Tensor) -> tuple[tf.Tensor, Pullback]:
     return (y if layer.keepdims else y[:, 0, 0, :]), pullback
 
 
-@head_rule(keras.layers.Flatten)
+@head_rule("Flatten")
 def _flatten(layer: Any, x: tf.Tensor) -> tuple[tf.Tensor, Pullback]:
     if getattr(layer, "data_format", "channels_last") != "channels_last":
         raise ExportError(f"head layer {layer.name!r}: only channels_last is supported")
@@ -128,15 +137,15 @@ def _flatten(layer: Any, x: tf.Tensor) -> tuple[tf.Tensor, Pullback]:
     return y, lambda g: tf.reshape(g, [-1, *[int(d) for d in x.shape[1:]]])
 
 
-@head_rule(keras.layers.Dense)
-def _dense(layer: Any, x: tf.Tensor) -> tuple[tf.Tensor, Pullback]:
-    if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
+def _affine(layer: Any, x: tf.Tensor, activation: str) -> tuple[tf.Tensor, Pullback]:
+    """A Dense layer with the given activation (its own, or "linear" to read the logit before a final one)."""
+    if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):  # Keras 3 only
         raise ExportError(f"head layer {layer.name!r}: LoRA or quantized Dense layers are not supported")
     kernel = _v(layer.kernel, x.dtype)  # (in, out)
     z = tf.matmul(x, kernel) if x.shape.rank == 2 else tf.tensordot(x, kernel, axes=1)
     if layer.use_bias:
         z = z + _v(layer.bias, x.dtype)
-    a, act_pullback = _activation(activation_name(layer.activation), z, f"head layer {layer.name!r}")
+    a, act_pullback = _activation(activation, z, f"head layer {layer.name!r}")
 
     def pullback(g: tf.Tensor) -> tf.Tensor:
         gz = act_pullback(g)
@@ -145,8 +154,14 @@ def _dense(layer: Any, x: tf.Tensor) -> tuple[tf.Tensor, Pullback]:
     return a, pullback
 
 
-@head_rule(keras.layers.BatchNormalization)
+@head_rule("Dense")
+def _dense(layer: Any, x: tf.Tensor) -> tuple[tf.Tensor, Pullback]:
+    return _affine(layer, x, activation_name(layer.activation))
+
+
+@head_rule("BatchNormalization")
 def _batch_norm(layer: Any, x: tf.Tensor) -> tuple[tf.Tensor, Pullback]:
+    # Keras 3 keeps the axis as given (-1); tf_keras stores a list of positive axes ([3]) once built.
     axis = layer.axis if isinstance(layer.axis, int) else (layer.axis[0] if len(layer.axis) == 1 else None)
     if axis is None or axis not in (-1, x.shape.rank - 1):
         raise ExportError(f"head layer {layer.name!r}: BatchNormalization must normalise the last axis")
@@ -159,40 +174,49 @@ def _batch_norm(layer: Any, x: tf.Tensor) -> tuple[tf.Tensor, Pullback]:
     return y, lambda g: g * inv
 
 
-@head_rule(keras.layers.Activation)
+@head_rule("Activation")
 def _activation_layer(layer: Any, x: tf.Tensor) -> tuple[tf.Tensor, Pullback]:
     return _activation(activation_name(layer.activation), x, f"head layer {layer.name!r}")
 
 
-@head_rule(keras.layers.ReLU)
+@head_rule("ReLU")
 def _relu_layer(layer: Any, x: tf.Tensor) -> tuple[tf.Tensor, Pullback]:
+    # tf_keras stores max_value, negative_slope and threshold as 0-d arrays; float() reads both kinds.
     if layer.max_value is not None or float(layer.negative_slope) != 0.0 or float(layer.threshold) != 0.0:
         raise ExportError(f"head layer {layer.name!r}: only a plain ReLU (no max_value, slope or threshold)")
     return _ACTIVATIONS["relu"](x)
+
+
+_WEIGHTED = frozenset({"Dense", "BatchNormalization"})
 
 
 # --- the head ---------------------------------------------------------------------------------------------------
 @dataclass
 class HeadOutput:
     predictions: tf.Tensor  # (N, K) the model's own output
-    logits: tf.Tensor       # (N, K) the scores differentiated
-    pullback: Pullback      # d score / d logits  ->  d score / d feature maps
+    scores: tf.Tensor       # (N, K) what is differentiated: the logits, or the output itself (score "output")
+    pullback: Pullback      # d score / d scores  ->  d score / d feature maps
 
 
 class KerasHead:
-    """A head given as the ordered Keras layers between the target layer and the model output."""
+    """A head given as the ordered Keras (or tf_keras) layers between the target layer and the model output."""
 
-    def __init__(self, layers: list[Any]):
+    def __init__(self, layers: list[Any], score: str = "logit"):
         if not layers:
             raise ExportError("the target layer is the model output: there is no head to differentiate; "
                               "choose an earlier layer")
         for layer in layers:
-            if type(layer) not in _RULES and not _final_activation(layer):
+            kind = layer_kind(layer)
+            if kind not in _RULES and not _final_activation(layer):
                 raise ExportError(f"head layer {layer.name!r} ({type(layer).__name__}) is not supported for "
                                   f"export; supported head layers: {', '.join(supported_layers())}")
+            if kind in _WEIGHTED and not layer.built:
+                raise ExportError(f"head layer {layer.name!r} ({kind}) has no weights yet: build the head (call it "
+                                  "on the backbone's output) and load its trained weights before exporting")
         self.layers = layers
         self.final = _final_activation(layers[-1])
-        self.score = _SCORE_ACTIVATIONS.get(self.final or "", "model output")
+        self.score_mode = score
+        self.score = _SCORE_NAMES.get((score, self.final or ""), "model output")
 
     def __call__(self, fm: tf.Tensor) -> HeadOutput:
         x, pullbacks = fm, []
@@ -200,50 +224,88 @@ class KerasHead:
         logits = None
         for i, layer in enumerate(self.layers):
             if i == last and self.final:
-                if isinstance(layer, keras.layers.Dense):  # the last Dense without its activation gives the logit
-                    x, pb = _dense(_LinearView(layer), x)
+                if layer_kind(layer) == "Dense":  # the last Dense without its activation gives the logit
+                    x, pb = _affine(layer, x, "linear")
                     pullbacks.append((pb, x.dtype))
                 logits = tf.cast(x, tf.float32)  # softmax/sigmoid in float32, as mixed precision advises
-                x = tf.nn.softmax(logits, axis=-1) if self.final == "softmax" else tf.sigmoid(logits)
+                x = _FINAL[self.final][0](logits)
                 break
-            x, pb = _RULES[type(layer)](layer, x)
+            x, pb = _RULES[layer_kind(layer)](layer, x)
             pullbacks.append((pb, x.dtype))
         if logits is None:  # no final softmax/sigmoid: the output is the score; float32 like the rest of the head
             x = logits = tf.cast(x, tf.float32)
 
-        def pullback(g: tf.Tensor) -> tf.Tensor:
+        def to_feature_maps(g: tf.Tensor) -> tf.Tensor:
             for pb, dtype in reversed(pullbacks):
                 g = pb(tf.cast(g, dtype) if g.dtype != dtype else g)
             return g
-        return HeadOutput(predictions=x, logits=logits, pullback=pullback)
-
-
-class _LinearView:
-    """A Dense layer seen without its activation, to read the logit before a final softmax or sigmoid."""
-
-    def __init__(self, layer: Any):
-        self._layer = layer
-        self.activation = keras.activations.linear
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._layer, name)
+        if self.score_mode == "output" and self.final:
+            output, final_pullback = x, _FINAL[self.final][1]
+            return HeadOutput(predictions=x, scores=x, pullback=lambda g: to_feature_maps(final_pullback(output, g)))
+        return HeadOutput(predictions=x, scores=logits, pullback=to_feature_maps)
 
 
 class CallableHead:
-    """A head given as an opaque TensorFlow callable: differentiated by TensorFlow itself.
+    """A head given as an opaque TensorFlow callable: differentiated by TensorFlow itself, one image at a time.
 
-    The SavedModel is exact; the ONNX conversion of TensorFlow's gradient ops is checked numerically at export and
-    refused when it disagrees, naming the fix (pass the head as Keras layers).
+    TensorFlow's gradient graph of a head over a dynamic batch is shape plumbing that tf2onnx converts wrongly
+    (`Reshape` to computed shapes). Inside a `tf.map_fn` over the batch, each image's gradient is traced with a
+    static batch of one, whose shapes are constants; the loop becomes an ONNX `Loop`, and the batch stays dynamic.
+    The forward pass (the predictions) runs batched. Its score is the callable's output: no logit to split off.
     """
 
     score = "model output"
+    score_mode = "output"
 
     def __init__(self, fn: Callable[[tf.Tensor], tf.Tensor]):
         self.fn = fn
 
     def __call__(self, fm: tf.Tensor) -> HeadOutput:
-        with tf.GradientTape() as tape:
-            tape.watch(fm)
-            predictions = self.fn(fm)
-        return HeadOutput(predictions=predictions, logits=predictions,
-                          pullback=lambda g: tape.gradient(predictions, fm, output_gradients=g))
+        predictions = self.fn(fm)
+        if not isinstance(predictions, tf.Tensor) or predictions.shape.rank != 2:
+            raise ExportError(f"the head callable returned {type(predictions).__name__} "
+                              f"{getattr(predictions, 'shape', '')}; it must return one (N, K) tensor of scores")
+
+        def one_image(args: tuple[tf.Tensor, tf.Tensor]) -> tf.Tensor:
+            fm1, g1 = args[0][tf.newaxis], args[1][tf.newaxis]   # (1, h, w, C), (1, K)
+            with tf.GradientTape() as tape:
+                tape.watch(fm1)
+                out = self.fn(fm1)
+            return tape.gradient(out, fm1, output_gradients=tf.cast(g1, out.dtype))[0]
+
+        def pullback(g: tf.Tensor) -> tf.Tensor:
+            return tf.map_fn(one_image, (fm, g), fn_output_signature=tf.TensorSpec(fm.shape[1:], fm.dtype))
+        return HeadOutput(predictions=predictions, scores=predictions, pullback=pullback)
+
+
+def head_from(head: Any, score: str = "logit") -> KerasHead | CallableHead:
+    """The head of a (backbone, head) pair. Keras or tf_keras layers (a list, one layer, a Sequential or functional
+    model) are differentiated by the rules above; any other callable (a subclassed model too) by TensorFlow."""
+    if isinstance(head, (list, tuple)):
+        bad = [f"item {i} ({type(h).__name__})" for i, h in enumerate(head) if not is_layer(h)]
+        if bad:
+            raise ExportError(f"a head given as a list must hold Keras or tf_keras layers; {', '.join(bad)} is not "
+                              "one (pass other code as one callable instead)")
+        return KerasHead([inner for h in head for inner in _layers_of(h)], score)
+    if is_layer(head) and (not _is_model_class(head) or _walkable(head)):
+        return KerasHead(_layers_of(head), score)
+    if callable(head):
+        return CallableHead(head)
+    raise ExportError(f"head must be Keras or tf_keras layers, a Keras model or a callable, got {type(head).__name__}")
+
+
+def _is_model_class(obj: Any) -> bool:
+    fw = framework_of(obj)
+    return fw is not None and isinstance(obj, fw.module.Model)
+
+
+def _walkable(model: Any) -> bool:
+    fw = framework_of(model)
+    return fw is not None and (fw.is_sequential(model) or fw.is_model(model))
+
+
+def _layers_of(obj: Any) -> list[Any]:
+    """A layer as itself; a Sequential or functional model as its chain of layers."""
+    from gradcam_engine.export.locate import layer_chain
+
+    return layer_chain(obj) if _is_model_class(obj) else [obj]

@@ -1,28 +1,19 @@
 """A mixed-precision twin of a Keras model: the same layers and weights, computing in float16.
 
-The fp16 SavedModel and the fp16 ONNX are both traced from this twin, so the two half-precision formats share
-one definition, with float32 kept where the fused graph casts explicitly (preprocessing, final softmax, CAM).
+The fp16 SavedModel is traced from this twin, with float32 kept where the fused graph casts explicitly
+(preprocessing, final softmax, CAM). Each framework rebuilds its own models (`Framework.mixed_twin`).
 """
 from __future__ import annotations
 
 from typing import Any
 
-import keras
+from gradcam_engine.export.errors import ExportError
+from gradcam_engine.export.frameworks import framework_of
 
 
-def _to_mixed(node: Any) -> Any:
-    if isinstance(node, dict):
-        if node.get("class_name") == "DTypePolicy" and node.get("config", {}).get("name") == "float32":
-            return {**node, "config": {**node["config"], "name": "mixed_float16"}}
-        return {k: _to_mixed(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_to_mixed(v) for v in node]
-    return node
-
-
-def mixed_precision_twin(model: Any) -> Any:
-    """Rebuild `model` with every float32 layer policy set to mixed_float16, and copy its weights."""
-    config = _to_mixed(keras.saving.serialize_keras_object(model))
-    twin = keras.saving.deserialize_keras_object(config)
-    twin.set_weights(model.get_weights())
-    return twin
+def mixed_precision_twin(model: Any, policy: str = "mixed_float16") -> Any:
+    """Rebuild `model` with every float32 layer computing under `policy`, and copy its weights."""
+    fw = framework_of(model)
+    if fw is None:
+        raise ExportError(f"{type(model).__name__} is not a Keras model; cannot rebuild it in {policy}")
+    return fw.mixed_twin(model, policy)
