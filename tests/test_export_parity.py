@@ -85,6 +85,15 @@ def test_explicit_class_index_differs_from_the_top1_class(case: ExportedCase) ->
     np.testing.assert_array_equal(case.reference[C.TARGET_CLASS][~explicit], top1[~explicit])
 
 
+def test_max_pooling_fixture_has_tied_maxima(max_pool_head_case: ExportedCase) -> None:
+    """Its target layer saturates, so GlobalMaxPooling2D meets ties whose gradient TensorFlow shares equally: a rule
+    that gave each tie the whole gradient, or only the first one, would not match the reference."""
+    fm = max_pool_head_case.reference[C.FEATURE_MAPS]
+    peak = fm.max(axis=(1, 2), keepdims=True)
+    tied = ((fm == peak).sum(axis=(1, 2)) > 1) & (peak[:, 0, 0, :] > 0)
+    assert tied.mean() > 0.25, f"{tied.mean():.0%} of the channels have a tied maximum"
+
+
 # --- parity -------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("n", BATCH_SIZES, ids=lambda n: f"batch_of_{n}")
 def test_onnx_runtime_matches_reference(case: ExportedCase, n: int) -> None:
