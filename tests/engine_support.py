@@ -45,7 +45,7 @@ class SmallArtifact:
 _EXPORTED: dict[str, SmallArtifact] = {}
 
 
-def export_small_cnn(out: Path) -> SmallArtifact:
+def export_small_cnn(out: Path, size: tuple[int, int] = INPUT_SIZE) -> SmallArtifact:
     """A seeded Conv2D -> Conv2D("last_conv") -> GAP -> Dense(3, softmax) classifier, exported to `out`.
 
     It predicts all three classes on the test scenes (a model stuck on one class would hide a wrong predicted class
@@ -55,7 +55,7 @@ def export_small_cnn(out: Path) -> SmallArtifact:
     from gradcam_engine.export import ExportOptions, export_artifact
 
     keras.utils.set_random_seed(9)
-    inputs = keras.Input((*INPUT_SIZE, 3))
+    inputs = keras.Input((*size, 3))
     x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="conv1")(inputs)
     x = keras.layers.Conv2D(16, 3, strides=2, padding="same", activation="relu", name=TARGET_LAYER)(x)
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
