@@ -45,7 +45,7 @@ class SmallArtifact:
 _EXPORTED: dict[str, SmallArtifact] = {}
 
 
-def export_small_cnn(out: Path, size: tuple[int, int] = INPUT_SIZE) -> SmallArtifact:
+def export_small_cnn(out: Path, size: tuple[int, int] = INPUT_SIZE, precision: str = "fp32") -> SmallArtifact:
     """A seeded Conv2D -> Conv2D("last_conv") -> GAP -> Dense(3, softmax) classifier, exported to `out`.
 
     It predicts all three classes on the test scenes (a model stuck on one class would hide a wrong predicted class
@@ -65,7 +65,7 @@ def export_small_cnn(out: Path, size: tuple[int, int] = INPUT_SIZE) -> SmallArti
     kernel, bias = classes.get_weights()
     classes.set_weights([kernel * 30, bias])
     manifest = export_artifact(model, out, ExportOptions(layer=TARGET_LAYER, preprocessing="tf",
-                                                         class_names=CLASS_NAMES))
+                                                         class_names=CLASS_NAMES, precision=precision))
     return SmallArtifact(out, manifest)
 
 
