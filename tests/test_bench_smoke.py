@@ -92,6 +92,19 @@ def test_a_contender_with_different_cams_fails_the_check() -> None:
     assert not compare(expected, {**expected, C.TARGET_CLASS: np.array([0, 0])})["ok"]
 
 
+def test_the_reference_contender_builds_again_once_its_module_is_imported(bench_run: dict[str, Any]) -> None:
+    """Importing bench.contenders.reference (as the tests and any user of the reference do) must not shadow the
+    builder of the reference contender: a second bench in one process, or one after that import, needs it again."""
+    import gradcam_engine.bench.contenders.reference  # noqa: F401
+    from gradcam_engine.bench.contenders import REFERENCE, Sources, Spec, make
+
+    model = bench_run["report"]["model"]
+    contender = make(Spec(REFERENCE, "reference"), Sources(model["artifact"], model["keras"], model["preprocessing"],
+                                                           None))
+    images = np.zeros((1, 32, 32, 3), np.uint8)
+    assert contender.kind == REFERENCE and contender.call(images, np.full(1, -1, np.int32))["cam"].shape == (1, 16, 16)
+
+
 def test_a_contenders_memory_is_measured_alone_in_a_fresh_process(bench_run: dict[str, Any]) -> None:
     from dataclasses import asdict
 
