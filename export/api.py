@@ -166,28 +166,20 @@ def export_artifact(model: ModelLike, out: str | Path, options: ExportOptions = 
     """Export one fused Grad-CAM graph as SavedModel + ONNX + manifest; returns the manifest."""
     from gradcam_engine.engine.tf_import import import_tensorflow
 
-    tf = import_tensorflow("export")
-    from gradcam_engine.export.graph import FusedGradCAM
-    from gradcam_engine.export.to_onnx import convert
+    import_tensorflow("export")
 
     _check_options(options)
     out = Path(out)
     _check_writable(out, options.overwrite)
     parts = model_parts(model, options)
-    module = FusedGradCAM(parts.backbone, parts.head, parts.input_size, options.preprocessing,
-                          feature_key=parts.feature_key, tracked=parts.tracked)
-    try:
-        concrete = module.concrete_function()
-    except ExportError:
-        raise
-    except Exception as e:
-        # AutoGraph wraps errors raised while tracing as "in user code: <stack>"; report the original one.
-        cause = getattr(getattr(e, "ag_error_metadata", None), "cause_message", None) or str(e) or type(e).__name__
-        raise ExportError(f"building the Grad-CAM graph failed: {first_line(cause, 300)}") \
-            from None
+    class_names = list(options.class_names) if options.class_names else None
+    meta = {"gradcam.class_names": json.dumps(class_names), "gradcam.preprocessing": options.preprocessing,
+            "gradcam.target_layer": parts.layer_path, "gradcam.score": parts.head.score}
+    fused = _fused_graph(parts, options, meta)
+    module, concrete, proto = fused.module, fused.concrete, fused.proto
+    parts.head = module.head  # a callable head: the way of writing its gradient that converted
     specs = {k: (v.dtype.name, tuple(v.shape)) for k, v in concrete.structured_outputs.items()}
     num_classes = int(specs[C.PREDICTIONS][1][-1])
-    class_names = list(options.class_names) if options.class_names else None
     if class_names is not None and len(class_names) != num_classes:
         raise ExportError(f"{len(class_names)} class names given but the model has {num_classes} classes")
     facts = GraphFacts(specs, num_classes, class_names)
@@ -198,15 +190,12 @@ def export_artifact(model: ModelLike, out: str | Path, options: ExportOptions = 
     except OSError as e:
         raise ExportError(f"{out.parent}: cannot create the output directory ({e.strerror})") from None
     try:
-        meta = {"gradcam.class_names": json.dumps(class_names), "gradcam.preprocessing": options.preprocessing,
-                "gradcam.target_layer": parts.layer_path, "gradcam.score": parts.head.score}
-        proto = convert(module.gradcam, options.opset, meta)
         precision: dict[str, str] = {}
         checks: dict[str, Any] = {}
         if options.precision in ("fp32", "both"):
             _save(module, tmp / C.SAVED_MODEL_DIR, concrete)
-            checks[C.ONNX_FILE] = _write_onnx(tmp / C.ONNX_FILE, proto, module.gradcam, parts.input_size, options,
-                                              "fp32")
+            (tmp / C.ONNX_FILE).write_bytes(proto.SerializeToString())
+            checks[C.ONNX_FILE] = fused.check
             precision.update({C.SAVED_MODEL_DIR: "fp32", C.ONNX_FILE: "fp32"})
         if options.precision in ("fp16", "both"):
             from gradcam_engine.export.fp16 import to_fp16
@@ -232,6 +221,55 @@ def export_artifact(model: ModelLike, out: str | Path, options: ExportOptions = 
     return manifest
 
 
+@dataclass
+class FusedGraph:
+    """The fused function traced, converted to ONNX, and that ONNX graph checked against TensorFlow."""
+
+    module: Any       # export.graph.FusedGradCAM
+    concrete: Any     # its concrete function (the SavedModel signature)
+    proto: Any        # the fp32 ONNX graph
+    check: dict[str, Any]  # the fp32 graph's parity figures against TensorFlow
+
+
+def _fused_graph(parts: ModelParts, options: ExportOptions, meta: dict[str, str]) -> FusedGraph:
+    """Trace, convert and check the fused graph. An opaque callable head is tried with each way of writing its
+    gradient (export.head.CallableHead) until one converts into a graph that ONNX Runtime runs and that agrees with
+    TensorFlow; the refusal names why each failed."""
+    from gradcam_engine.export.head import CallableHead
+
+    heads = ([parts.head.with_strategy(s) for s in CallableHead.STRATEGIES] if isinstance(parts.head, CallableHead)
+             else [parts.head])
+    reasons = []
+    for head in heads:
+        try:
+            return _fused_graph_with(parts, head, options, meta)
+        except ExportError as e:
+            if len(heads) == 1:
+                raise
+            reasons.append(f"{head.strategy.replace('_', ' ')}: {e}")
+    raise ExportError("the head callable's gradient has no ONNX form that runs and agrees with TensorFlow ("
+                      + "; ".join(reasons) + "); pass the head as Keras layers, whose gradients export writes itself")
+
+
+def _fused_graph_with(parts: ModelParts, head: Any, options: ExportOptions, meta: dict[str, str]) -> FusedGraph:
+    from gradcam_engine.export.graph import FusedGradCAM
+    from gradcam_engine.export.to_onnx import convert
+
+    module = FusedGradCAM(parts.backbone, head, parts.input_size, options.preprocessing,
+                          feature_key=parts.feature_key, tracked=parts.tracked)
+    try:
+        concrete = module.concrete_function()
+    except ExportError:
+        raise
+    except Exception as e:
+        # AutoGraph wraps errors raised while tracing as "in user code: <stack>"; report the original one.
+        cause = getattr(getattr(e, "ag_error_metadata", None), "cause_message", None) or str(e) or type(e).__name__
+        raise ExportError(f"building the Grad-CAM graph failed: {first_line(cause, 300)}") from None
+    proto = convert(module.gradcam, options.opset, meta)
+    check = _check_onnx(proto, module.gradcam, parts.input_size, options, "fp32")
+    return FusedGraph(module, concrete, proto, check)
+
+
 def _save(module: Any, path: Path, concrete: Any) -> None:
     """tf.saved_model.save, its failures (an untracked resource, an unsaveable object) reported in one line."""
     import tensorflow as tf
@@ -242,21 +280,24 @@ def _save(module: Any, path: Path, concrete: Any) -> None:
         raise ExportError(f"writing the SavedModel failed: {type(e).__name__}: {first_line(e, 300)}") from None
 
 
-def _write_onnx(path: Path, proto: Any, fn: Any, size: tuple[int, int], options: ExportOptions,
-                precision: str) -> dict[str, Any]:
-    """Check an ONNX graph against the TensorFlow function, then write it; returns the check's figures."""
+def _check_onnx(proto: Any, fn: Any, size: tuple[int, int], options: ExportOptions, precision: str) -> dict[str, Any]:
+    """onnx.checker, then ONNX Runtime against the TensorFlow function; returns the figures, or refuses."""
     import onnx
 
     from gradcam_engine.export.to_onnx import verify
 
     try:
         onnx.checker.check_model(proto, full_check=True)
-    except onnx.checker.ValidationError as e:
-        raise ExportError(f"{precision} ONNX model failed onnx.checker: {first_line(e)}") \
-            from None
-    data = proto.SerializeToString()
-    checks = verify(fn, data, size, options.verify_batch_sizes, precision=precision)
-    path.write_bytes(data)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise ExportError(f"{precision} ONNX model failed onnx.checker: {first_line(e, 300)}") from None
+    return verify(fn, proto.SerializeToString(), size, options.verify_batch_sizes, precision=precision)
+
+
+def _write_onnx(path: Path, proto: Any, fn: Any, size: tuple[int, int], options: ExportOptions,
+                precision: str) -> dict[str, Any]:
+    """Check an ONNX graph against the TensorFlow function, then write it; returns the check's figures."""
+    checks = _check_onnx(proto, fn, size, options, precision)
+    path.write_bytes(proto.SerializeToString())
     return checks
 
 
@@ -309,6 +350,9 @@ def _manifest(parts: ModelParts, options: ExportOptions, facts: GraphFacts, prec
         "target_layer": parts.layer_path,
         "framework": parts.framework,
         "head": [f"{layer.name} ({type(layer).__name__})" for layer in getattr(parts.head, "layers", [])],
+        # how the head's gradient is written: export's own rules per layer, or TensorFlow's for a callable head,
+        # per image in a loop or over the whole batch (export.head.CallableHead)
+        "head_gradient": getattr(parts.head, "strategy", "rules"),
         "score": parts.head.score,
         "cam": {"height": int(fm_shape[1]), "width": int(fm_shape[2]), "channels": int(fm_shape[3]),
                 "method": "gradcam: mean-pooled gradients as channel weights, weighted channel mean, ReLU, "

@@ -64,6 +64,11 @@ class FusedGradCAM(tf.Module):
             tf.TensorSpec([None], tf.int32, name=C.CLASS_INDEX),
         ])
 
+    @property
+    def head(self) -> KerasHead | CallableHead:
+        """The head the graph differentiates."""
+        return self._parts.head
+
     def concrete_function(self) -> Any:
         """Trace the fused function; everything it reads is then tracked, so the SavedModel holds its weights even
         when only a head callable's closure knows them (a lambda over layers)."""

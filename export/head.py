@@ -246,19 +246,32 @@ class KerasHead:
 
 
 class CallableHead:
-    """A head given as an opaque TensorFlow callable: differentiated by TensorFlow itself, one image at a time.
+    """A head given as an opaque TensorFlow callable: differentiated by TensorFlow itself.
 
-    TensorFlow's gradient graph of a head over a dynamic batch is shape plumbing that tf2onnx converts wrongly
-    (`Reshape` to computed shapes). Inside a `tf.map_fn` over the batch, each image's gradient is traced with a
-    static batch of one, whose shapes are constants; the loop becomes an ONNX `Loop`, and the batch stays dynamic.
-    The forward pass (the predictions) runs batched. Its score is the callable's output: no logit to split off.
+    TensorFlow's gradient graph of a head over a dynamic batch is shape plumbing that tf2onnx converts wrongly for
+    some heads (`Reshape` to computed shapes after a global pooling). Two ways to write it, tried in this order by
+    export until one gives an ONNX graph that ONNX Runtime runs and that agrees with TensorFlow:
+    - "per_image": inside a `tf.map_fn` over the batch, each image's gradient is traced with a static batch of one,
+      whose shapes are constants; the loop becomes an ONNX `Loop`, and the batch stays dynamic;
+    - "batched": one gradient over the whole batch (what tf2onnx converts for reshape-and-matmul heads, whose
+      per-image loop body its shape inference gets wrong).
+    The forward pass (the predictions) runs batched either way. Its score is the callable's output: no logit to split
+    off.
     """
 
     score = "model output"
     score_mode = "output"
+    STRATEGIES = ("per_image", "batched")
 
-    def __init__(self, fn: Callable[[tf.Tensor], tf.Tensor]):
+    def __init__(self, fn: Callable[[tf.Tensor], tf.Tensor], strategy: str = "per_image"):
+        if strategy not in self.STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; choose {', '.join(self.STRATEGIES)}")
         self.fn = fn
+        self.strategy = strategy
+
+    def with_strategy(self, strategy: str) -> "CallableHead":
+        """The same head, its gradient written the other way."""
+        return CallableHead(self.fn, strategy)
 
     def __call__(self, fm: tf.Tensor) -> HeadOutput:
         predictions = self.fn(fm)
@@ -274,6 +287,11 @@ class CallableHead:
             return tape.gradient(out, fm1, output_gradients=tf.cast(g1, out.dtype))[0]
 
         def pullback(g: tf.Tensor) -> tf.Tensor:
+            if self.strategy == "batched":
+                with tf.GradientTape() as tape:
+                    tape.watch(fm)
+                    out = self.fn(fm)
+                return tape.gradient(out, fm, output_gradients=tf.cast(g, out.dtype))
             return tf.map_fn(one_image, (fm, g), fn_output_signature=tf.TensorSpec(fm.shape[1:], fm.dtype))
         return HeadOutput(predictions=predictions, scores=predictions, pullback=pullback)
 

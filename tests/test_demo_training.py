@@ -102,7 +102,7 @@ def test_a_flat_map_points_nowhere() -> None:
 
 
 def test_scenes_import_without_tensorflow() -> None:
-    code = "import sys, demo.scenes; sys.exit('tensorflow' in sys.modules or 'keras' in sys.modules)"
+    code = "import sys, gradcam_engine.demo.scenes; sys.exit('tensorflow' in sys.modules or 'keras' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT).returncode == 0
 
 

@@ -4,14 +4,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from typing import Any
+
 import keras
+import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 
+from gradcam_engine.bench.measure.images import scene_images
 from gradcam_engine.bench.tools import gpu_check
 from gradcam_engine.bench.tools.onnx_weights import fill_weights, strip_weights
 from gradcam_engine.engine import contract as C
 from gradcam_engine.export.fp16 import to_fp16
+from engine_support import lively, pearson
 
 
 @pytest.fixture(scope="module")
@@ -59,19 +65,57 @@ def test_strip_and_fill_keep_shapes_and_small_constants() -> None:
     np.testing.assert_array_equal(values["mean"], [0, 1, 2])
 
 
-def test_dry_run_reports_every_figure_the_gpu_check_needs(prepared: Path, tmp_path: Path) -> None:
-    out = tmp_path / "report.json"
+@pytest.fixture(scope="module")
+def dry_run(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("gpu_report") / "report.json"
     gpu_check.check(prepared, [2, 4], dry_run=True, out_json=out)
-    report = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_dry_run_reports_every_figure_the_gpu_check_needs(dry_run: dict[str, Any]) -> None:
+    report = dry_run
     rows = report["model_only"]
     assert {(r["precision"], r["batch"], r["feed"]) for r in rows} == {
         (p, b, f) for p in ("fp32", "fp16") for b in (2, 4) for f in ("host", "io_binding")}
     for r in rows:
         assert r["gradcam_img_s"] > 0 and r["forward_img_s"] > 0
         assert r["ratio"] == pytest.approx(r["gradcam_img_s"] / r["forward_img_s"])
-    assert report["fp16_parity"]["cam_min_correlation"] >= 0.99
-    assert report["fp16_parity"]["cam_max_abs_diff"] <= 0.05
+    assert set(report["fp16_parity"]) == {"images", "top1_agreement", "cam_min_correlation", "cam_max_abs_diff"}
     assert report["end_to_end"]["images"] == 24 and report["end_to_end"]["end_to_end_img_s"] > 0
     assert [e["batch"] for e in report["engine_host_fed"]] == [2, 4]
     assert report["best_model_only"]["gradcam_img_s"] == max(r["gradcam_img_s"] for r in rows)
-    assert C.ONNX_FP16_FILE  # the fp16 file is what the GPU path runs
+
+
+def _outputs(path: Path, images: np.ndarray, class_index: np.ndarray) -> dict[str, np.ndarray]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return dict(zip(C.ENGINE_OUTPUTS, session.run(list(C.ENGINE_OUTPUTS), {C.IMAGES: images,
+                                                                              C.CLASS_INDEX: class_index})))
+
+
+def test_the_rebuilt_fp16_graph_agrees_with_fp32_on_scenes_and_the_report_says_so(
+        prepared: Path, dry_run: dict[str, Any], tmp_path: Path) -> None:
+    """fp16 parity computed here, on the graphs the check rebuilds (same seed), not read from the check's report."""
+    paths = gpu_check.rebuild(prepared, tmp_path / "rebuilt")
+    half_model = onnx.load(str(paths["artifact"] / C.ONNX_FP16_FILE))
+    kernels = {n.input[1] for n in half_model.graph.node if n.op_type == "Conv"}
+    assert kernels and all(i.data_type == onnx.TensorProto.FLOAT16 for i in half_model.graph.initializer
+                           if i.name in kernels)
+
+    images = scene_images(16, (32, 32), seed=9)
+    full = _outputs(paths["artifact"] / C.ONNX_FILE, images, np.full(len(images), -1, np.int32))
+    half = _outputs(paths["artifact"] / C.ONNX_FP16_FILE, images, full[C.TARGET_CLASS])
+    assert lively(full[C.CAM]).mean() >= 0.9
+    assert pearson(full[C.CAM], half[C.CAM]).min() >= 0.99
+    assert np.abs(full[C.CAM] - half[C.CAM]).max() <= 0.05
+    assert np.abs(full[C.PREDICTIONS] - half[C.PREDICTIONS]).max() <= 0.05 * np.abs(full[C.PREDICTIONS]).max()
+
+    # The report's figures are those of these two files on its own images (8 uniform images, seed 1).
+    reported = dry_run["fp16_parity"]
+    noise = np.random.default_rng(1).integers(0, 256, (reported["images"], 32, 32, 3), dtype=np.uint8)
+    full = _outputs(paths["artifact"] / C.ONNX_FILE, noise, np.full(len(noise), -1, np.int32))
+    half = _outputs(paths["artifact"] / C.ONNX_FP16_FILE, noise, full[C.TARGET_CLASS])
+    assert reported["cam_min_correlation"] == pytest.approx(pearson(full[C.CAM], half[C.CAM]).min(), abs=1e-6)
+    assert reported["cam_max_abs_diff"] == pytest.approx(np.abs(full[C.CAM] - half[C.CAM]).max(), abs=1e-6)
+    assert reported["top1_agreement"] == pytest.approx(
+        (full[C.PREDICTIONS].argmax(-1) == half[C.PREDICTIONS].argmax(-1)).mean())
+    assert reported["cam_max_abs_diff"] > 0  # half precision, not the fp32 file twice

@@ -1,7 +1,9 @@
 """The Ray runner writes the local runner's rows, run.json and overlays, resumes a run either runner started, and stays
 out of the import path of everything else.
 
-One local Ray (2 CPUs, small object store, no dashboard) serves the whole module; the model is a small Keras CNN
+One local Ray (3 CPUs, a count this machine's own local Ray would not pick, so a run that joins it by address can be
+told apart from one that started its own; small object store, no dashboard) serves the whole module; the model is a
+small Keras CNN
 exported once; the inputs are ~50 images in a directory and a tar shard, with a zero-byte file, text named .jpg and
 a truncated JPEG among them. Paths are given relative to the test's directory, as a user would.
 """
@@ -30,6 +32,7 @@ from gradcam_engine.engine.run_config import RunConfig
 from gradcam_engine.engine.rundir import RUN_JSON
 from gradcam_engine.engine.session import SessionOptions
 
+CLUSTER_CPUS = 3 if os.cpu_count() != 3 else 4
 CAM_TOLERANCE = 1e-4
 SHARD_SIZE = 8  # several shards for 50 images, so resume has something to lose
 OVERLAYS = "12"
@@ -96,7 +99,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def ray_cluster() -> Iterator[Any]:
     """One small local Ray for the module, shut down at the end."""
     import ray  # the dev extra installs it: a missing Ray fails here rather than skipping
-    ray.init(address="local", num_cpus=2, object_store_memory=200 << 20, include_dashboard=False,
+    ray.init(address="local", num_cpus=CLUSTER_CPUS, object_store_memory=200 << 20, include_dashboard=False,
              log_to_driver=False)
     yield ray
     ray.shutdown()
@@ -200,6 +203,73 @@ def test_ray_resumes_only_the_missing_inputs(ray_cluster: Any, artifact: Path, i
     assert len(_rows(run_dir)) == 50
 
 
+def test_the_local_runner_resumes_a_run_the_ray_runner_started(ray_cluster: Any, artifact: Path, in_workdir: Path,
+                                                                local_run: Path) -> None:
+    from gradcam_engine.engine.ray_run import RayOptions, run_gradcam_ray
+
+    run_gradcam_ray(_config(artifact, "ray_then_local"), RayOptions(concurrency=1))
+    run_dir = in_workdir / "ray_then_local"
+    shards = sorted((run_dir / RESULTS_DIR).glob("part-*.parquet"))
+    lost = [shards[0], shards[-1]]  # committed by Ray, then lost
+    lost_paths = {p for shard in lost for p in pq.read_table(shard, columns=["path"]).column("path").to_pylist()}
+    for shard in lost:
+        shard.unlink()
+
+    summary = run_gradcam(_config(artifact, "ray_then_local"))
+    assert (summary.processed, summary.skipped_resume) == (len(lost_paths), 50 - len(lost_paths))
+    assert (summary.images, summary.ok, summary.errors) == (50, 47, 3)
+    rows = _rows(run_dir)
+    assert len(rows) == len({r["path"] for r in rows}) == 50
+    _assert_same_rows(rows, _rows(local_run))
+    assert json.loads((run_dir / RUN_JSON).read_text())["status"] == "complete"
+
+
+def test_address_joins_a_running_cluster(ray_cluster: Any, artifact: Path, in_workdir: Path, local_run: Path) -> None:
+    """A separate process given --address runs on this module's Ray: its run.json records this cluster's CPUs, which
+    a Ray of its own on this machine would not have."""
+    from engine_support import REPO, child_env
+
+    address = ray_cluster.get_runtime_context().gcs_address
+    done = subprocess.run([sys.executable, "-m", "gradcam_engine.cli", "run", str(artifact), "images", "shard.tar",
+                           "--out", "joined", "--runner", "ray", "--address", address, "--concurrency", "1",
+                           "--batch-size", "8"], cwd=in_workdir, env={**child_env(), "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "50 images: 47 ok, 3 errors" in done.stdout
+    ray_info = json.loads((in_workdir / "joined" / RUN_JSON).read_text())["ray"]
+    assert ray_info["address"] == address
+    assert ray_info["cluster"]["CPU"] == CLUSTER_CPUS != os.cpu_count()
+    _assert_same_rows(_rows(in_workdir / "joined"), _rows(local_run))
+
+
+class _Cluster:
+    """Stands in for the ray module where actor_pool reads it: cluster resources given, Ray Data's real strategy."""
+
+    def __init__(self, **resources: float):
+        import ray.data
+
+        self.resources, self.data = resources, ray.data
+
+    def cluster_resources(self) -> dict[str, float]:
+        return self.resources
+
+
+def test_default_concurrency_is_one_replica_per_gpu_share_or_an_autoscaling_pool_up_to_half_the_cpus(
+        ray_cluster: Any) -> None:
+    from gradcam_engine.engine.ray_run import RayOptions, actor_pool
+
+    def sizes(cluster: Any, options: RayOptions) -> tuple[int, int]:
+        pool = actor_pool(cluster, options)
+        return pool.min_size, pool.max_size
+
+    assert sizes(_Cluster(CPU=16), RayOptions()) == (1, 8)
+    assert sizes(_Cluster(CPU=16), RayOptions(num_cpus_per_worker=2)) == (1, 4)
+    assert sizes(_Cluster(CPU=16, GPU=2), RayOptions(num_gpus_per_worker=0.5)) == (4, 4)
+    assert sizes(_Cluster(CPU=16, GPU=2), RayOptions(concurrency=3)) == (3, 3)
+    assert sizes(_Cluster(CPU=1), RayOptions()) == (1, 1)
+    assert sizes(ray_cluster, RayOptions()) == (1, CLUSTER_CPUS // 2)  # the live cluster, read as a run reads it
+
+
 def test_ray_runner_from_the_command_line(ray_cluster: Any, artifact: Path, in_workdir: Path, local_run: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     from gradcam_engine.cli.main import main
@@ -255,10 +325,10 @@ def test_replicas_that_take_every_cpu_are_refused_not_left_to_hang(ray_cluster: 
     from gradcam_engine.engine.errors import RunError
     from gradcam_engine.engine.ray_run import RayOptions, run_gradcam_ray
 
-    with pytest.raises(RunError, match="leave none of the Ray cluster's 2 CPUs"):
-        run_gradcam_ray(_config(artifact, "greedy"), RayOptions(num_cpus_per_worker=2))
-    with pytest.raises(RunError, match="2 replica"):
-        run_gradcam_ray(_config(artifact, "greedy"), RayOptions(concurrency=2))
+    with pytest.raises(RunError, match=f"leave none of the Ray cluster's {CLUSTER_CPUS} CPUs"):
+        run_gradcam_ray(_config(artifact, "greedy"), RayOptions(num_cpus_per_worker=CLUSTER_CPUS))
+    with pytest.raises(RunError, match=f"{CLUSTER_CPUS} replica"):
+        run_gradcam_ray(_config(artifact, "greedy"), RayOptions(concurrency=CLUSTER_CPUS))
     assert not (in_workdir / "greedy").exists()
 
 

@@ -56,6 +56,34 @@ def test_progress_line_before_any_rate_shows_an_unknown_eta() -> None:
     assert progress.line(0.0).endswith("0/5     0.0 img/s ETA --:--")
 
 
+def progress_counts(text: str, total: int) -> list[int]:
+    """The image counts of every progress line written, in order."""
+    return [int(m.group(1)) for m in re.finditer(rf"\] +(\d+)/{total} ", text)]
+
+
+def test_a_run_drives_the_progress_bar_to_the_number_of_inputs(artifact: SmallArtifact, tmp_path: Path,  # noqa: F811
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    write_scenes(tmp_path / "images", [(64, 64), (30, 40), (120, 90), (50, 70), (80, 20)])
+    (tmp_path / "images" / "broken.jpg").write_bytes(b"")  # an error row counts as done too
+    run_gradcam(RunConfig(artifact=str(artifact.root), inputs=[str(tmp_path / "images")], out=str(tmp_path / "run"),
+                          batch_size=2, progress=True))
+    err = capsys.readouterr().err
+    counts = progress_counts(err, 6)
+    assert counts and counts == sorted(counts) and counts[-1] == 6, f"progress written: {err!r}"
+    assert re.search(r"6/6 +[0-9.]+ img/s ETA 0:00\n$", err), err
+
+
+def test_the_command_line_shows_progress_on_a_terminal(artifact: SmallArtifact, tmp_path: Path,  # noqa: F811
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    write_scenes(tmp_path / "images", [(64, 64), (30, 40), (120, 90), (50, 70)])
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    assert main(["run", str(artifact.root), str(tmp_path / "images"), "--out", str(tmp_path / "run"),
+                 "--batch-size", "1"]) == 0
+    counts = progress_counts(terminal.getvalue(), 4)
+    assert counts and counts[-1] == 4, f"progress written: {terminal.getvalue()!r}"
+
+
 def test_disabled_progress_in_a_run_writes_nothing_to_stderr(artifact: SmallArtifact, tmp_path: Path,  # noqa: F811
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     write_scenes(tmp_path / "images", [(64, 64), (30, 40)])

@@ -41,6 +41,7 @@ class Suite:
     images: np.ndarray
     artifact: Any
     work: Path
+    requested: list[Any]  # the contender specs this model and machine call for: each one was built
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +49,7 @@ def suite(pytestconfig: pytest.Config) -> Suite:
     from gradcam_engine.engine.artifact import load_artifact
 
     from gradcam_engine.bench.measure.images import scene_images
-    from gradcam_engine.bench.main import build_contenders, check_contenders, preset
+    from gradcam_engine.bench.main import build_contenders, check_contenders, contender_specs, preset
     from gradcam_engine.bench.contenders.models import default_work_dir, prepare_model
 
     work = Path(pytestconfig.getoption("--bench-work-dir") or default_work_dir())
@@ -58,5 +59,14 @@ def suite(pytestconfig: pytest.Config) -> Suite:
     artifact = load_artifact(model.artifact)
     images = scene_images(config.images, artifact.input_size, seed=1)
     built = build_contenders(config, model, artifact, log=print)
+    # A contender this machine and model call for that does not build, or that disagrees with the reference, fails
+    # every benchmark: timing what is left would publish numbers with a contender silently missing or wrong.
+    requested = contender_specs(config, artifact, model.keras_path is not None)
+    missing = [spec for spec in requested if spec not in built.specs.values()]
+    if missing:
+        pytest.fail(f"contenders failed to build: {built.skipped}", pytrace=False)
     checks = check_contenders(built, images[:config.reference_images], artifact.manifest["num_classes"], log=print)
-    return Suite({c.name: c for c in built.contenders}, checks, images, artifact, work / "runs" / "pytest")
+    wrong = [c for c in checks if not c["ok"]]
+    if wrong:
+        pytest.fail(f"contenders disagree with the reference: {wrong}", pytrace=False)
+    return Suite({c.name: c for c in built.contenders}, checks, images, artifact, work / "runs" / "pytest", requested)
