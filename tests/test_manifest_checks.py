@@ -10,7 +10,7 @@ from typing import Any, Callable
 import pytest
 
 from gradcam_engine.cli.main import main
-from engine_support import SmallArtifact, artifact, copy_artifact, write_scenes  # noqa: F401 (fixture)
+from engine_support import INPUT_SIZE, SmallArtifact, artifact, copy_artifact, write_scenes  # noqa: F401
 from rundir_support import one_line
 
 
@@ -23,7 +23,7 @@ EDITS: dict[str, tuple[Callable[[dict[str, Any]], Any], str]] = {
     "class names edited": (lambda m: m.update(class_names=["cat", "dog", "fish"]), '"class_names" is ["cat", "dog"'),
     "num_classes 4 on a 3-class graph": (lambda m: m.update(num_classes=4, class_names=[*m["class_names"], "x"]),
                                          '"num_classes" is 4 but'),
-    "input size edited": (lambda m: m["input"].update(height=80), "the input size is 80x96 but"),
+    "input size edited": (lambda m: m["input"].update(height=80), f"the input size is 80x{INPUT_SIZE[1]} but"),
     "no input": (lambda m: m.pop("input"), '"input" is missing'),
     "an output shape edited": (lambda m: _cam_output(m)["shape"].__setitem__(1, 9), "the shape of output cam is"),
     "checksums emptied": (lambda m: m.update(files={}), '"files" lists no checksums'),
