@@ -1,0 +1,308 @@
+"""Scores of heatmaps and predictions against ground truth, as pure numpy over whole arrays.
+
+Boxes: the pointing game (the CAM's peak inside a box), the energy-based pointing game (share of the CAM's mass
+inside the boxes, Wang et al. 2020, Score-CAM) and the IoU of the CAM thresholded at 0.5 with the union of the boxes.
+Labels: the confusion matrix, precision and recall. Faithfulness: the area under a perturbation curve (Petsiuk et al.
+2018), Average Drop and Increase in Confidence (Chattopadhay et al. 2018).
+
+A CAM is compared with boxes as the overlay shows it: upsampled bilinearly (engine.overlay's taps) to the image's
+original size, without ever materialising the upsampled map. The mass inside a rectangle is separable,
+(row weights) @ cam @ (column weights); the thresholded area is counted per row and per run of columns that blend
+the same two CAM cells, where the upsampled row is monotone, so each (row, run) holds one interval of hot pixels.
+Work per image grows with its height times the CAM's width, not with its pixel count.
+
+Boxes of many images travel as one flat array: `boxes` float [M, 4] (x0, y0, x1, y1 in original pixels, x1 and y1
+exclusive) and `owner` int [M], the image each box belongs to; an image may own any number of boxes, or none.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from gradcam_engine.engine.overlay import bilinear_matrix, bilinear_taps
+
+IOU_THRESHOLD = 0.5
+_TIE = 1e-9  # far below float32 resolution near 0.5 (3e-8), far above float64 rounding
+_CHUNK_ELEMENTS = 1 << 22  # bounds the temporary (images x rows x runs) arrays of one size group
+
+
+# --- the pointing game ------------------------------------------------------------------------------------------------
+
+def peak_points(cams: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x, y, has_peak) per image: the centre of the CAM's peak cell (first argmax) in the image's own pixels.
+
+    `sizes` is int [N, 2] (width, height). A map with no positive finite value points nowhere (has_peak False).
+    """
+    cams = np.asarray(cams, dtype=np.float64)
+    n, h, w = cams.shape
+    sizes = np.broadcast_to(np.asarray(sizes, dtype=np.float64), (n, 2))
+    flat = np.where(np.isfinite(cams), cams, -np.inf).reshape(n, h * w)
+    peak = flat.argmax(axis=1) if n else np.zeros(0, np.int64)
+    has_peak = flat[np.arange(n), peak] > 0
+    row, col = np.divmod(peak, w)
+    return (col + 0.5) * sizes[:, 0] / w, (row + 0.5) * sizes[:, 1] / h, has_peak
+
+
+def pointing_hits(cams: np.ndarray, sizes: np.ndarray, boxes: np.ndarray, owner: np.ndarray) -> np.ndarray:
+    """bool [N]: the peak cell's centre lies inside one of the image's boxes (x0 <= x < x1, y0 <= y < y1)."""
+    x, y, has_peak = peak_points(cams, sizes)
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    owner = np.asarray(owner, dtype=np.int64)
+    px, py = x[owner], y[owner]
+    inside = (px >= boxes[:, 0]) & (px < boxes[:, 2]) & (py >= boxes[:, 1]) & (py < boxes[:, 3])
+    hits = np.zeros(len(x), bool)
+    np.logical_or.at(hits, owner, inside)
+    return hits & has_peak
+
+
+# --- boxes as pixel rectangles ------------------------------------------------------------------------------------------
+
+def pixel_rects(boxes: np.ndarray, owner: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes -> int rectangles (c0, r0, c1, r1) of the pixels whose centres they hold, clipped to each image;
+    empty ones are dropped. Returns (rects [R, 4], owner [R])."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    owner = np.asarray(owner, dtype=np.int64)
+    sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
+    limit = np.concatenate([sizes[owner], sizes[owner]], axis=1)
+    rects = np.clip(np.ceil(boxes - 0.5), 0, limit).astype(np.int64)
+    keep = (rects[:, 2] > rects[:, 0]) & (rects[:, 3] > rects[:, 1])
+    return rects[keep], owner[keep]
+
+
+def union_rects(rects: np.ndarray, owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint rectangles covering the union of each image's rectangles, so areas and masses simply add up.
+
+    An image with one rectangle keeps it (the common case, vectorised); overlapping ones are cut into horizontal
+    bands, each band's column intervals merged.
+    """
+    rects = np.asarray(rects, dtype=np.int64).reshape(-1, 4)
+    owner = np.asarray(owner, dtype=np.int64)
+    if len(owner) == 0:
+        return rects, owner
+    counts = np.bincount(owner)
+    single = counts[owner] == 1
+    out_rects, out_owner = [rects[single]], [owner[single]]
+    for image in np.flatnonzero(counts > 1):
+        bands = _union_of(rects[owner == image])
+        out_rects.append(bands)
+        out_owner.append(np.full(len(bands), image, np.int64))
+    return np.concatenate(out_rects), np.concatenate(out_owner)
+
+
+def _union_of(rects: np.ndarray) -> np.ndarray:
+    edges = np.unique(rects[:, [1, 3]])
+    out: list[tuple[int, int, int, int]] = []
+    for top, bottom in zip(edges[:-1], edges[1:]):
+        active = rects[(rects[:, 1] <= top) & (rects[:, 3] >= bottom)]
+        if not len(active):
+            continue
+        spans = active[np.argsort(active[:, 0], kind="stable")][:, [0, 2]]
+        start, end = spans[0]
+        for c0, c1 in spans[1:]:
+            if c0 > end:
+                out.append((start, top, end, bottom))
+                start, end = c0, c1
+            else:
+                end = max(end, c1)
+        out.append((start, top, end, bottom))
+    return np.array(out, np.int64).reshape(-1, 4)
+
+
+# --- energy and IoU against the union of the boxes --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BoxScores:
+    """Per image: pointing-game hit, share of the CAM's mass inside the boxes, IoU of the hot area with them."""
+
+    hit: np.ndarray     # bool [N]
+    energy: np.ndarray  # float64 [N]; 0 for a map with no mass
+    iou: np.ndarray     # float64 [N]; 0 for a map with no hot pixel
+
+
+def box_scores(cams: np.ndarray, sizes: np.ndarray, boxes: np.ndarray, owner: np.ndarray,
+               threshold: float = IOU_THRESHOLD) -> BoxScores:
+    """Every box metric of N images in one pass: cams float [N, h, w], sizes int [N, 2] (width, height)."""
+    cams = np.nan_to_num(np.asarray(cams, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    n, h, w = cams.shape
+    sizes = np.broadcast_to(np.asarray(sizes, dtype=np.int64), (n, 2))
+    hits = pointing_hits(cams, sizes, boxes, owner)
+    rects, rect_owner = union_rects(*pixel_rects(boxes, owner, sizes))
+    energy, iou = np.zeros(n), np.zeros(n)
+    for members, member_rects, local_owner in _by_size(sizes, rects, rect_owner):
+        width, height = (int(v) for v in sizes[members[0]])
+        energy[members] = _energy(cams[members], height, width, member_rects, local_owner)
+        iou[members] = _iou(cams[members], height, width, member_rects, local_owner, threshold)
+    return BoxScores(hit=hits, energy=energy, iou=iou)
+
+
+def _by_size(sizes: np.ndarray, rects: np.ndarray, owner: np.ndarray):
+    """(image indices, their rects, rect owners as positions among those images) per distinct image size."""
+    if not len(sizes):
+        return
+    keys, group = np.unique(sizes, axis=0, return_inverse=True)
+    group = group.reshape(-1)
+    order = np.argsort(group, kind="stable")
+    bounds = np.searchsorted(group[order], np.arange(len(keys) + 1))
+    position = np.empty(len(sizes), np.int64)
+    rect_order = np.argsort(group[owner], kind="stable")
+    rect_bounds = np.searchsorted(group[owner][rect_order], np.arange(len(keys) + 1))
+    for g in range(len(keys)):
+        members = order[bounds[g]:bounds[g + 1]]
+        position[members] = np.arange(len(members))
+        picked = rect_order[rect_bounds[g]:rect_bounds[g + 1]]
+        yield members, rects[picked], position[owner[picked]]
+
+
+@lru_cache(maxsize=256)
+def _prefix(out_size: int, in_size: int) -> np.ndarray:
+    """[out + 1, in]: row k sums the bilinear weights of output positions 0..k-1 (a mass over a span is a difference)."""
+    m = bilinear_matrix(out_size, in_size).astype(np.float64)
+    return np.concatenate([np.zeros((1, in_size)), np.cumsum(m, axis=0)])
+
+
+def _energy(cams: np.ndarray, height: int, width: int, rects: np.ndarray, owner: np.ndarray) -> np.ndarray:
+    n, h, w = cams.shape
+    py, px = _prefix(height, h), _prefix(width, w)
+    total = np.einsum("h,nhw,w->n", py[height], cams, px[width])
+    rows = py[rects[:, 3]] - py[rects[:, 1]]   # (R, h)
+    cols = px[rects[:, 2]] - px[rects[:, 0]]   # (R, w)
+    inside = np.bincount(owner, np.einsum("rh,rhw,rw->r", rows, cams[owner], cols), minlength=n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, np.clip(inside / np.where(total > 0, total, 1.0), 0.0, 1.0), 0.0)
+
+
+@dataclass(frozen=True)
+class _Runs:
+    """Columns of an upsampled image grouped by the pair of CAM columns they blend; the blend weight is linear in x."""
+
+    lo: np.ndarray      # [S] CAM column of weight 1 - frac
+    hi: np.ndarray      # [S] CAM column of weight frac
+    start: np.ndarray   # [S] first image column of the run
+    end: np.ndarray     # [S] one past its last
+    offset: np.ndarray  # [S] frac(x) = slope * x + offset for unclipped x
+    slope: float
+
+
+@lru_cache(maxsize=256)
+def _runs(out_size: int, in_size: int) -> _Runs:
+    lo, hi, _ = bilinear_taps(out_size, in_size)
+    starts = np.flatnonzero(np.r_[True, lo[1:] != lo[:-1]])
+    ends = np.r_[starts[1:], out_size]
+    slope = in_size / out_size
+    return _Runs(lo=lo[starts], hi=hi[starts], start=starts, end=ends,
+                 offset=0.5 * slope - 0.5 - lo[starts].astype(np.float64), slope=slope)
+
+
+def _iou(cams: np.ndarray, height: int, width: int, rects: np.ndarray, owner: np.ndarray,
+         threshold: float) -> np.ndarray:
+    """IoU of {upsampled CAM >= threshold} with the union of the rects, counted per (row, run) of columns.
+
+    In a run the upsampled row is g0 + frac * (g1 - g0), frac non-decreasing in x (0 where clipped at the border):
+    a run whose two ends are hot is hot throughout, one whose ends are both cold is cold, and only the runs where
+    the map crosses the threshold need solving for the crossing column.
+    """
+    n, h, w = cams.shape
+    runs = _runs(width, w)
+    ry = bilinear_matrix(height, h).astype(np.float64)
+    # A pixel exactly at the threshold is hot (>=). That is common: a cell at 1 next to a cell at 0 blends to exactly
+    # 0.5 halfway, and the solved column could fall either side of it by rounding; the slack keeps it in.
+    threshold = threshold - _TIE
+    hot, both = np.zeros(n), np.zeros(n)
+    area = np.bincount(owner, (rects[:, 2] - rects[:, 0]) * (rects[:, 3] - rects[:, 1]), minlength=n).astype(float)
+    run_length = runs.end - runs.start
+    s = len(runs.lo)
+    step = max(1, _CHUNK_ELEMENTS // max(1, height * max(w, s)))
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        m = b - a
+        in_chunk = (owner >= a) & (owner < b)
+        slots = _rect_slots(rects[in_chunk], owner[in_chunk] - a, m)
+        rows = np.matmul(ry, cams[a:b])                            # (m, height, w): upsampled vertically only
+        above = rows >= threshold
+        lo_hot, hi_hot = above[..., runs.lo], above[..., runs.hi]  # (m, height, S)
+        whole = (lo_hot & hi_hot).astype(np.float32)                # runs hot end to end
+        # Per row, the hot-throughout pixels: in all columns, and within each rect's columns (one slot at a time).
+        spans = [np.maximum(0, np.minimum(runs.end, t[:, 2, None]) - np.maximum(runs.start, t[:, 0, None]))
+                 for t in slots]
+        weights = np.stack([np.broadcast_to(run_length, (m, s))] + spans, axis=2).astype(np.float32)  # (m, S, 1+k)
+        per_row = np.matmul(whole, weights)                         # (m, height, 1 + k)
+        hot[a:b] = per_row[:, :, 0].sum(axis=1)
+        # Runs that cross the threshold: their hot columns are one interval, from the crossing to one end.
+        flat = np.flatnonzero(lo_hot ^ hi_hot)
+        image, rest = np.divmod(flat, height * s)
+        row, run = np.divmod(rest, s)
+        g0 = rows[image, row, runs.lo[run]]
+        g1 = rows[image, row, runs.hi[run]]
+        crossing = ((threshold - g0) / (g1 - g0) - runs.offset[run]) / runs.slope  # the column where frac reaches it
+        start, end = runs.start[run], runs.end[run]
+        rising = g1 >= threshold
+        first = np.where(rising, np.maximum(start, np.ceil(crossing)), start)
+        last = np.where(rising, end, np.minimum(end, np.floor(crossing) + 1))
+        hot[a:b] += np.bincount(image, last - first, minlength=m)
+        row_index = np.arange(height)
+        for k, table in enumerate(slots):  # each image's k-th rect (an empty one where it has fewer)
+            c0, r0, c1, r1 = table.T
+            rows_inside = (row_index >= r0[:, None]) & (row_index < r1[:, None])
+            both[a:b] += (per_row[:, :, 1 + k] * rows_inside).sum(axis=1)
+            inside = (row >= r0[image]) & (row < r1[image])
+            cut = np.minimum(last, c1[image]) - np.maximum(first, c0[image])
+            both[a:b] += np.bincount(image, np.where(inside, np.maximum(cut, 0), 0), minlength=m)
+    union = hot + area - both
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, both / np.where(union > 0, union, 1.0), 0.0)
+
+
+def _rect_slots(rects: np.ndarray, owner: np.ndarray, n: int) -> list[np.ndarray]:
+    """Rects as tables [n, 4]: table k holds each image's k-th rect, an empty one where the image has fewer."""
+    order = np.argsort(owner, kind="stable")
+    rects, owner = rects[order], owner[order]
+    counts = np.bincount(owner, minlength=n)
+    slot = np.arange(len(owner)) - (np.cumsum(counts) - counts)[owner]
+    tables = []
+    for k in range(int(counts.max()) if len(owner) else 0):
+        table = np.zeros((n, 4), np.int64)
+        table[owner[slot == k]] = rects[slot == k]
+        tables.append(table)
+    return tables
+
+
+# --- labels -----------------------------------------------------------------------------------------------------------
+
+def confusion_matrix(true: np.ndarray, predicted: np.ndarray, classes: int) -> np.ndarray:
+    """int64 [classes, classes]: row = true class, column = predicted class."""
+    true = np.asarray(true, dtype=np.int64)
+    predicted = np.asarray(predicted, dtype=np.int64)
+    return np.bincount(true * classes + predicted, minlength=classes * classes).reshape(classes, classes)
+
+
+def precision_recall(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per class precision (of the images predicted as it) and recall (of the images that are it); NaN where a
+    class was never predicted or never present, so an absent class is not scored 0."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    diagonal = np.diag(matrix)
+    predicted, actual = matrix.sum(axis=0), matrix.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (np.where(predicted > 0, diagonal / np.where(predicted > 0, predicted, 1), np.nan),
+                np.where(actual > 0, diagonal / np.where(actual > 0, actual, 1), np.nan))
+
+
+# --- faithfulness -----------------------------------------------------------------------------------------------------
+
+def curve_auc(scores: np.ndarray) -> np.ndarray:
+    """Area under score curves sampled at K + 1 evenly spaced fractions 0..1 of pixels (trapezoid): [N, K + 1] -> [N]."""
+    scores = np.asarray(scores, dtype=np.float64)
+    steps = scores.shape[-1] - 1
+    return (scores[..., 1:] + scores[..., :-1]).sum(axis=-1) / (2.0 * steps)
+
+
+def confidence_drop(full: np.ndarray, masked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per image (drop, increase): drop = max(0, Y - O) / Y (Average Drop averages it; NaN where Y <= 0, where it
+    means nothing), increase = O > Y (Increase in Confidence is its mean), for the target's score Y on the image
+    and O on the image times its upsampled CAM."""
+    full = np.asarray(full, dtype=np.float64)
+    masked = np.asarray(masked, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        drop = np.where(full > 0, np.maximum(0.0, full - masked) / np.where(full > 0, full, 1.0), np.nan)
+    return drop, masked > full
