@@ -15,7 +15,7 @@ def config_from(args: argparse.Namespace) -> EvaluateConfig:
         run_dir=args.run_dir, labels=args.labels, labels_from_folders=args.labels_from_folders, boxes=args.boxes,
         root=args.root, faithfulness=listed(args.faithfulness) or (), steps=args.steps, baseline=args.baseline,
         artifact=args.artifact, session=SessionOptions(backend="onnx", device=args.device, threads=args.threads),
-        batch_size=args.batch_size, workers=args.workers, overwrite=args.overwrite)
+        batch_size=args.batch_size, workers=args.workers, shard_size=args.shard_size, overwrite=args.overwrite)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -49,5 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=default(EvaluateConfig, "batch_size"))
     p.add_argument("--workers", type=int, default=default(EvaluateConfig, "workers"),
                    help="decode threads (default: one per core)")
+    p.add_argument("--shard-size", type=int, default=default(EvaluateConfig, "shard_size"),
+                   help="inputs per metrics shard, the resume granularity (default: 4096, or 256 with faithfulness)")
     p.add_argument("--overwrite", action="store_true", help="replace metrics evaluated with other options")
     p.set_defaults(handler=_evaluate)

@@ -182,3 +182,24 @@ def measured_run(artifact_root: Path, out: Path, inputs: list[str], timeout: flo
     done = run_python(MEASURED_RUN, str(artifact_root), str(out), *inputs, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --- several CAM methods --------------------------------------------------------------------------------------------
+
+def add_method(run_dir: Path, name: str) -> None:
+    """What a run with a second CAM method looks like: a `cam_<name>` column (here the map flipped left-right) and
+    the methods listed in run.json in output order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for shard in sorted((run_dir / "results").glob("part-*.parquet")):
+        table = pq.read_table(shard)
+        flipped = []
+        for row in table.select(["cam", "cam_height", "cam_width"]).to_pylist():
+            cam = None if row["cam"] is None else np.asarray(row["cam"], np.float32).reshape(
+                row["cam_height"], row["cam_width"])[:, ::-1].ravel().tolist()
+            flipped.append(cam)
+        pq.write_table(table.append_column(f"cam_{name}", pa.array(flipped, pa.list_(pa.float32()))), shard)
+    info = json.loads((run_dir / "run.json").read_text())
+    info["methods"] = ["gradcam", name]
+    (run_dir / "run.json").write_text(json.dumps(info))
