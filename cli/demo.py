@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     from gradcam_engine.demo.run import run_demo
 
     defaults = {name: p.default for name, p in inspect.signature(run_demo).parameters.items()}
-    p = sub.add_parser("demo", help="run the embedded demo: synthetic scenes, shipped model, overlays, evaluate, report")
+    p = sub.add_parser("demo", help="run the embedded demo: synthetic scenes, shipped model, overlays, evaluate, "
+                                    "report")
     p.add_argument("--out", default="demo_out", help="where images, artifact and run go (default: demo_out/)")
     p.add_argument("--images", type=int, default=defaults["images"])
     p.add_argument("--overlays", type=int, default=defaults["overlays"], help="overlays for the first N images")

@@ -14,6 +14,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
 import posixpath
 from dataclasses import dataclass, field
@@ -59,9 +60,15 @@ class PathMatcher:
 
     def __init__(self, keys: Iterable[str]):
         self.keys = set(keys)
-        self._by_identity: dict[str, str] = {}
-        for key in self.keys:
-            self._by_identity.setdefault(_key_identity(key), key)
+        self._identities: dict[str, str] | None = None  # built on the first entry that is not spelt as a key
+
+    @property
+    def _by_identity(self) -> dict[str, str]:
+        if self._identities is None:
+            self._identities = {}
+            for key in sorted(self.keys):
+                self._identities.setdefault(_key_identity(key), key)
+        return self._identities
 
     def match(self, entry: str, base_dir: str) -> str | None:
         """The results path `entry` names, or None; `base_dir` is where relative entries start."""
@@ -125,20 +132,22 @@ def read_labels(path: str | Path, matcher: PathMatcher, class_names: list[str], 
     labels = Labels(by_path={}, source=str(path))
     unknown: dict[str, str] = {}
     seen_at: dict[str, int] = {}
-    for line, row in rows:
+    lookup = {str(i): i for i in range(len(class_names))} | {name: i for i, name in enumerate(class_names)}
+    for line, (entry, label) in rows:
         labels.listed += 1
-        key = matcher.match(row["path"], base)
-        index = class_index(row["label"], class_names)
+        index = lookup.get(label)
         if index is None:
-            unknown.setdefault(row["label"], f"line {line}")
+            index = class_index(label, class_names)
+        if index is None:
+            unknown.setdefault(label, f"line {line}")
             continue
+        key = matcher.match(entry, base)
         if key is None:
             labels.unmatched += 1
             continue
-        if key in labels.by_path and labels.by_path[key] != index:
-            raise AnnotationError(f"{path}: line {line}: {row['path']} is labelled again, differently (first on line "
+        if labels.by_path.setdefault(key, index) != index:
+            raise AnnotationError(f"{path}: line {line}: {entry} is labelled again, differently (first on line "
                                   f"{seen_at[key]}); give each image one label")
-        labels.by_path[key] = index
         seen_at.setdefault(key, line)
     if unknown:
         raise _unknown_labels(unknown, class_names, str(path))
@@ -211,25 +220,25 @@ def read_boxes(path: str | Path, matcher: PathMatcher, root: str | None = None) 
     base = base_dir_of(path, root)
     found: dict[str, list[tuple[float, ...]]] = {}
     result = Boxes(by_path={}, source=str(path))
-    for line, row in _csv_rows(path, ("path", "x0", "y0", "x1", "y1"), text):
+    for line, (entry, *corners) in _csv_rows(path, ("path", "x0", "y0", "x1", "y1"), text):
         result.listed += 1
         try:
-            box = tuple(float(row[c]) for c in ("x0", "y0", "x1", "y1"))
+            x0, y0, x1, y1 = map(float, corners)
         except ValueError:
             raise AnnotationError(f"{path}: line {line}: x0, y0, x1, y1 must be numbers, got "
-                                  f"{', '.join(row[c] for c in ('x0', 'y0', 'x1', 'y1'))}") from None
-        if not all(np.isfinite(box)):
+                                  f"{', '.join(corners)}") from None
+        if not math.isfinite(x0 + y0 + x1 + y1):
             raise AnnotationError(f"{path}: line {line}: box coordinates must be finite numbers")
-        if box[2] < box[0] or box[3] < box[1]:
-            raise AnnotationError(f"{path}: line {line}: x1 < x0 or y1 < y0 ({', '.join(map(str, box))}); the columns "
-                                  "are two corners, not a corner with a width and height")
-        key = matcher.match(row["path"], base)
+        if x1 < x0 or y1 < y0:
+            raise AnnotationError(f"{path}: line {line}: x1 < x0 or y1 < y0 ({x0:g}, {y0:g}, {x1:g}, {y1:g}); the "
+                                  "columns are two corners, not a corner with a width and height")
+        key = matcher.match(entry, base)
         if key is None:
             result.unmatched += 1
-        elif box[2] == box[0] or box[3] == box[1]:
+        elif x1 == x0 or y1 == y0:
             result.empty += 1
         else:
-            found.setdefault(key, []).append(box)
+            found.setdefault(key, []).append((x0, y0, x1, y1))
     result.by_path = {k: np.asarray(v, np.float64) for k, v in found.items()}
     _require_some(result.by_path, result.listed - result.empty, path, "boxes")
     return result
@@ -292,8 +301,9 @@ def _read_text(path: str | Path) -> str:
         raise AnnotationError(f"{path}: cannot read ({e.strerror})") from None
 
 
-def _csv_rows(path: str | Path, required: tuple[str, ...], text: str | None = None) -> list[tuple[int, dict[str, str]]]:
-    """(line number, row) of a CSV whose header names the required columns; blank lines are skipped."""
+def _csv_rows(path: str | Path, required: tuple[str, ...],
+              text: str | None = None) -> list[tuple[int, tuple[str, ...]]]:
+    """(line number, the required columns' values in order) of a CSV whose header names them; blank lines skipped."""
     reader = csv.reader(io.StringIO(_read_text(path) if text is None else text))
     header = next(reader, None)
     columns = [c.strip() for c in header] if header else []
@@ -302,15 +312,15 @@ def _csv_rows(path: str | Path, required: tuple[str, ...], text: str | None = No
         found = ",".join(columns) if columns else "an empty file"
         raise AnnotationError(f"{path}: the first line must be a header with columns {','.join(required)} "
                               f"(found {found!r})")
-    index = {c: columns.index(c) for c in required}
+    index = [columns.index(c) for c in required]
     rows = []
+    width = len(columns)
     for record in reader:
-        line = reader.line_num
-        if not any(v.strip() for v in record):
-            continue
-        if len(record) < len(columns):
-            raise AnnotationError(f"{path}: line {line}: {len(record)} fields, the header has {len(columns)}")
-        rows.append((line, {c: record[i].strip() for c, i in index.items()}))
+        if len(record) < width:
+            if not "".join(record).strip():
+                continue  # a blank line
+            raise AnnotationError(f"{path}: line {reader.line_num}: {len(record)} fields, the header has {width}")
+        rows.append((reader.line_num, tuple(record[i].strip() for i in index)))
     return rows
 
 

@@ -57,7 +57,7 @@ def pointing_hits(cams: np.ndarray, sizes: np.ndarray, boxes: np.ndarray, owner:
     return hits & has_peak
 
 
-# --- boxes as pixel rectangles ------------------------------------------------------------------------------------------
+# --- boxes as pixel rectangles ----------------------------------------------------------------------------------------
 
 def pixel_rects(boxes: np.ndarray, owner: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Boxes -> int rectangles (c0, r0, c1, r1) of the pixels whose centres they hold, clipped to each image;
@@ -74,31 +74,50 @@ def pixel_rects(boxes: np.ndarray, owner: np.ndarray, sizes: np.ndarray) -> tupl
 def union_rects(rects: np.ndarray, owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Disjoint rectangles covering the union of each image's rectangles, so areas and masses simply add up.
 
-    An image with one rectangle keeps it (the common case, vectorised); overlapping ones are cut into horizontal
-    bands, each band's column intervals merged.
+    One rectangle is kept as it is and two become the first plus what the second adds (up to four pieces), both for
+    all images at once; three or more are cut into horizontal bands whose column intervals are merged.
     """
     rects = np.asarray(rects, dtype=np.int64).reshape(-1, 4)
     owner = np.asarray(owner, dtype=np.int64)
     if len(owner) == 0:
         return rects, owner
+    order = np.argsort(owner, kind="stable")
+    rects, owner = rects[order], owner[order]
     counts = np.bincount(owner)
+    first = np.cumsum(counts) - counts                      # index of each image's first rect
     single = counts[owner] == 1
-    out_rects, out_owner = [rects[single]], [owner[single]]
-    for image in np.flatnonzero(counts > 1):
-        bands = _union_of(rects[owner == image])
-        out_rects.append(bands)
-        out_owner.append(np.full(len(bands), image, np.int64))
-    return np.concatenate(out_rects), np.concatenate(out_owner)
+    pair = counts[owner] == 2
+    a = rects[pair][0::2]
+    b = rects[pair][1::2]
+    pieces = [rects[single], a] + _minus(b, a)
+    owners = [owner[single], owner[pair][0::2]] + [owner[pair][0::2]] * 4
+    for image in np.flatnonzero(counts > 2):
+        bands = np.array(_union_of(rects[first[image]:first[image] + counts[image]].tolist()), np.int64)
+        pieces.append(bands.reshape(-1, 4))
+        owners.append(np.full(len(bands), image, np.int64))
+    out, out_owner = np.concatenate(pieces), np.concatenate(owners)
+    keep = (out[:, 2] > out[:, 0]) & (out[:, 3] > out[:, 1])
+    return out[keep], out_owner[keep]
 
 
-def _union_of(rects: np.ndarray) -> np.ndarray:
-    edges = np.unique(rects[:, [1, 3]])
+def _minus(b: np.ndarray, a: np.ndarray) -> list[np.ndarray]:
+    """b minus a, row by row, as four rects (some empty): above a, below a, and left and right of a in between."""
+    top, bottom = np.maximum(b[:, 1], a[:, 1]), np.minimum(b[:, 3], a[:, 3])  # rows of both (empty if none)
+    above = np.stack([b[:, 0], b[:, 1], b[:, 2], np.minimum(b[:, 3], a[:, 1])], axis=1)
+    below = np.stack([b[:, 0], np.maximum(b[:, 1], a[:, 3]), b[:, 2], b[:, 3]], axis=1)
+    left = np.stack([b[:, 0], top, np.minimum(b[:, 2], a[:, 0]), bottom], axis=1)
+    right = np.stack([np.maximum(b[:, 0], a[:, 2]), top, b[:, 2], bottom], axis=1)
+    return [above, below, left, right]
+
+
+def _union_of(rects: list[list[int]]) -> list[tuple[int, int, int, int]]:
+    """Plain Python on a handful of rects: faster there than numpy's per-call cost."""
+    edges = sorted({r[1] for r in rects} | {r[3] for r in rects})
     out: list[tuple[int, int, int, int]] = []
     for top, bottom in zip(edges[:-1], edges[1:]):
-        active = rects[(rects[:, 1] <= top) & (rects[:, 3] >= bottom)]
-        if not len(active):
+        spans = sorted((c0, c1) for c0, r0, c1, r1 in rects if r0 <= top and r1 >= bottom)
+        if not spans:
             continue
-        spans = active[np.argsort(active[:, 0], kind="stable")][:, [0, 2]]
         start, end = spans[0]
         for c0, c1 in spans[1:]:
             if c0 > end:
@@ -107,7 +126,7 @@ def _union_of(rects: np.ndarray) -> np.ndarray:
             else:
                 end = max(end, c1)
         out.append((start, top, end, bottom))
-    return np.array(out, np.int64).reshape(-1, 4)
+    return out
 
 
 # --- energy and IoU against the union of the boxes --------------------------------------------------------------------
@@ -157,7 +176,7 @@ def _by_size(sizes: np.ndarray, rects: np.ndarray, owner: np.ndarray):
 
 @lru_cache(maxsize=256)
 def _prefix(out_size: int, in_size: int) -> np.ndarray:
-    """[out + 1, in]: row k sums the bilinear weights of output positions 0..k-1 (a mass over a span is a difference)."""
+    """[out + 1, in]: row k sums the bilinear weights of output positions 0..k-1; a span's mass is a difference."""
     m = bilinear_matrix(out_size, in_size).astype(np.float64)
     return np.concatenate([np.zeros((1, in_size)), np.cumsum(m, axis=0)])
 
@@ -219,7 +238,9 @@ def _iou(cams: np.ndarray, height: int, width: int, rects: np.ndarray, owner: np
         m = b - a
         in_chunk = (owner >= a) & (owner < b)
         slots = _rect_slots(rects[in_chunk], owner[in_chunk] - a, m)
-        rows = np.matmul(ry, cams[a:b])                            # (m, height, w): upsampled vertically only
+        # (m, height, w): upsampled vertically only, as one matrix product for the whole chunk
+        rows = (ry @ cams[a:b].transpose(1, 0, 2).reshape(h, m * w)).reshape(height, m, w).transpose(1, 0, 2)
+        rows = np.ascontiguousarray(rows)
         above = rows >= threshold
         lo_hot, hi_hot = above[..., runs.lo], above[..., runs.hi]  # (m, height, S)
         whole = (lo_hot & hi_hot).astype(np.float32)                # runs hot end to end
@@ -291,7 +312,7 @@ def precision_recall(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # --- faithfulness -----------------------------------------------------------------------------------------------------
 
 def curve_auc(scores: np.ndarray) -> np.ndarray:
-    """Area under score curves sampled at K + 1 evenly spaced fractions 0..1 of pixels (trapezoid): [N, K + 1] -> [N]."""
+    """Area under score curves at K + 1 evenly spaced fractions 0..1 of the pixels, by trapezoids: [N, K+1] -> [N]."""
     scores = np.asarray(scores, dtype=np.float64)
     steps = scores.shape[-1] - 1
     return (scores[..., 1:] + scores[..., :-1]).sum(axis=-1) / (2.0 * steps)

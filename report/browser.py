@@ -195,7 +195,8 @@ class Chromium:
         """PNG of the viewport (or of the whole page)."""
         params: dict[str, Any] = {"format": "png"}
         if full_page:
-            size = self.evaluate("({w: document.documentElement.scrollWidth, h: document.documentElement.scrollHeight})")
+            size = self.evaluate("({w: document.documentElement.scrollWidth, "
+                                 "h: document.documentElement.scrollHeight})")
             params.update(captureBeyondViewport=True, clip={"x": 0, "y": 0, "width": size["w"], "height": size["h"],
                                                            "scale": 1})
         return base64.b64decode(self.call("Page.captureScreenshot", params)["data"])

@@ -110,8 +110,8 @@ def summary(data: ReportData) -> str:
         _fact(f"{data.counts['ok']:,}", "explained (status ok)"),
         _fact(f"{data.error_count:,}", "errors"),
         _fact(f"{counts.get('skipped_non_image', 0):,}", "files skipped as non-images"),
-        _fact(f"{throughput.get('images_per_second', '–')} img/s", f"throughput ({throughput.get('seconds', '–')} s, "
-                                                                     "last session of the run)"),
+        _fact(f"{throughput.get('images_per_second', '–')} img/s",
+              f"throughput ({throughput.get('seconds', '–')} s, last session of the run)"),
         _fact(f"{session.get('backend', '–')} on {info.get('device', '–')}", "runtime and device"),
         _fact(info.get("precision", "–"), "precision"),
         _fact(", ".join(data.methods), "CAM methods"),
@@ -149,8 +149,8 @@ def evaluation(data: ReportData) -> str:
                        "macro precision / recall")] + facts
     if counts.get("faithfulness_errors"):
         facts.append(_fact(counts["faithfulness_errors"], "inputs not read back for faithfulness"))
-    header = ["method", "pointing game", "… correct", "energy PG", "IoU@0.5", "Average Drop", "Increase in Conf.",
-              "deletion AUC ↓", "insertion AUC ↑"]
+    header = ["method", "pointing game", "… of correct", "energy PG", "IoU@0.5", "Average Drop ↓",
+              "Increase in Conf. ↑", "deletion AUC ↓", "insertion AUC ↑"]
     rows = [[escape(m), _pct(f.get("pointing_game")), _pct(f.get("pointing_game_correct")),
              _num(f.get("energy_pointing_game")), _num(f.get("iou")), _pct(f.get("average_drop")),
              _pct(f.get("increase_in_confidence")), _num(f.get("deletion_auc")), _num(f.get("insertion_auc"))]

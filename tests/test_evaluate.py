@@ -108,7 +108,7 @@ def metrics_json(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
-# --- labels and boxes ---------------------------------------------------------------------------------------------------
+# --- labels and boxes -------------------------------------------------------------------------------------------------
 
 def test_every_row_and_figure_follows_from_the_results_and_the_ground_truth(scenario: Scenario,
                                                                             tmp_path: Path) -> None:
@@ -252,7 +252,7 @@ def test_labels_from_folders_refuses_folders_that_are_not_classes(artifact: Smal
         evaluate(EvaluateConfig(str(tmp_path / "run"), labels_from_folders=True, progress=False))
 
 
-# --- resume, refusal ----------------------------------------------------------------------------------------------------
+# --- resume, refusal --------------------------------------------------------------------------------------------------
 
 def test_a_second_evaluation_adds_nothing_and_other_options_are_refused_unless_overwriting(
         scenario: Scenario, tmp_path: Path) -> None:
@@ -341,7 +341,7 @@ def test_an_evaluation_killed_mid_way_resumes_with_one_row_per_input_and_method(
     assert a["overall"]["gradcam"]["deletion_auc"] == pytest.approx(b["overall"]["gradcam"]["deletion_auc"])
 
 
-# --- faithfulness -------------------------------------------------------------------------------------------------------
+# --- faithfulness -----------------------------------------------------------------------------------------------------
 
 def test_faithfulness_re_decodes_the_run_s_own_inputs_and_scores_them_through_the_artifact(
         scenario: Scenario, artifact: SmallArtifact, tmp_path: Path) -> None:  # noqa: F811
@@ -417,7 +417,7 @@ def test_evaluate_and_report_need_no_tensorflow(scenario: Scenario, tmp_path: Pa
     assert done.returncode == 0 and json.loads(done.stdout.strip().splitlines()[-1])["tf"] is False, done.stderr
 
 
-# --- several CAM methods ------------------------------------------------------------------------------------------------
+# --- several CAM methods ----------------------------------------------------------------------------------------------
 
 def test_every_cam_column_is_evaluated_under_its_method_name(scenario: Scenario, tmp_path: Path) -> None:
     run_dir = scenario.copy(tmp_path / "run")

@@ -114,13 +114,15 @@ def test_overlapping_boxes_count_their_union_once() -> None:
     np.testing.assert_array_equal(b.hit, a.hit)
 
 
-def test_the_union_of_rects_covers_exactly_their_pixels_with_disjoint_pieces() -> None:
-    rng = np.random.default_rng(5)
-    corners = rng.integers(0, 40, (40, 2))
-    rects = np.concatenate([corners, corners + rng.integers(1, 25, (40, 2))], axis=1)
-    owner = rng.integers(0, 4, 40)
+@pytest.mark.parametrize("per_image", [1, 2, 3, 10])
+def test_the_union_of_rects_covers_exactly_their_pixels_with_disjoint_pieces(per_image: int) -> None:
+    rng = np.random.default_rng(5 + per_image)
+    images = 60
+    corners = rng.integers(0, 40, (images * per_image, 2))
+    rects = np.concatenate([corners, corners + rng.integers(1, 25, corners.shape)], axis=1)
+    owner = rng.permutation(np.repeat(np.arange(images), per_image))  # in any order
     pieces, piece_owner = union_rects(rects, owner)
-    for image in range(4):
+    for image in range(images):
         expected = np.zeros((70, 70), int)
         for c0, r0, c1, r1 in rects[owner == image]:
             expected[r0:r1, c0:c1] = 1
