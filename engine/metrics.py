@@ -160,7 +160,8 @@ def _by_size(sizes: np.ndarray, rects: np.ndarray, owner: np.ndarray):
     """(image indices, their rects, rect owners as positions among those images) per distinct image size."""
     if not len(sizes):
         return
-    keys, group = np.unique(sizes, axis=0, return_inverse=True)
+    # One int per size (np.unique over rows sorts a structured view, several times slower).
+    keys, group = np.unique(sizes[:, 0].astype(np.int64) << 32 | sizes[:, 1].astype(np.int64), return_inverse=True)
     group = group.reshape(-1)
     order = np.argsort(group, kind="stable")
     bounds = np.searchsorted(group[order], np.arange(len(keys) + 1))
@@ -216,60 +217,69 @@ def _runs(out_size: int, in_size: int) -> _Runs:
 
 def _iou(cams: np.ndarray, height: int, width: int, rects: np.ndarray, owner: np.ndarray,
          threshold: float) -> np.ndarray:
-    """IoU of {upsampled CAM >= threshold} with the union of the rects, counted per (row, run) of columns.
+    """IoU of {upsampled CAM >= threshold} with the union of the rects, counted block by block, then row by row.
 
-    In a run the upsampled row is g0 + frac * (g1 - g0), frac non-decreasing in x (0 where clipped at the border):
-    a run whose two ends are hot is hot throughout, one whose ends are both cold is cold, and only the runs where
-    the map crosses the threshold need solving for the crossing column.
+    The upsampled map is a patchwork of blocks: the pixels that blend the same 2x2 CAM cells. Inside a block every
+    value is a convex combination of those four cells, so a block whose four cells are all hot is hot throughout
+    and one whose four are all cold is cold: both are counted whole. In a mixed block each row is g0 + frac * (g1 -
+    g0) with frac non-decreasing in x (0 where clipped at the border), so its hot pixels form one interval from the
+    column where it crosses the threshold to one end.
     """
     n, h, w = cams.shape
-    runs = _runs(width, w)
-    ry = bilinear_matrix(height, h).astype(np.float64)
+    cols, rows = _runs(width, w), _runs(height, h)
+    lo_y, _, frac_y = bilinear_taps(height, h)
+    # The weights engine.overlay's matrices hold (float32, as they are), so values match its upsampling exactly.
+    weight_lo, weight_hi = (1.0 - frac_y).astype(np.float64), frac_y.astype(np.float64)
     # A pixel exactly at the threshold is hot (>=). That is common: a cell at 1 next to a cell at 0 blends to exactly
     # 0.5 halfway, and the solved column could fall either side of it by rounding; the slack keeps it in.
     threshold = threshold - _TIE
     hot, both = np.zeros(n), np.zeros(n)
     area = np.bincount(owner, (rects[:, 2] - rects[:, 0]) * (rects[:, 3] - rects[:, 1]), minlength=n).astype(float)
-    run_length = runs.end - runs.start
-    s = len(runs.lo)
-    step = max(1, _CHUNK_ELEMENTS // max(1, height * max(w, s)))
+    block_rows, block_cols = rows.end - rows.start, cols.end - cols.start
+    block_area = np.outer(block_rows, block_cols)
+    # Per run of rows: its image rows, padded to the tallest run, and their two blending weights.
+    row_y = rows.start[:, None] + np.arange(int(block_rows.max()))[None, :]          # (R, K)
+    row_valid = row_y < rows.end[:, None]
+    row_y = np.minimum(row_y, height - 1)
+    row_weights = (weight_lo[row_y], weight_hi[row_y])
+    step = max(1, _CHUNK_ELEMENTS // max(1, len(rows.lo) * len(cols.lo) * int(block_rows.max())))
     for a in range(0, n, step):
         b = min(n, a + step)
         m = b - a
         in_chunk = (owner >= a) & (owner < b)
         slots = _rect_slots(rects[in_chunk], owner[in_chunk] - a, m)
-        # (m, height, w): upsampled vertically only, as one matrix product for the whole chunk
-        rows = (ry @ cams[a:b].transpose(1, 0, 2).reshape(h, m * w)).reshape(height, m, w).transpose(1, 0, 2)
-        rows = np.ascontiguousarray(rows)
-        above = rows >= threshold
-        lo_hot, hi_hot = above[..., runs.lo], above[..., runs.hi]  # (m, height, S)
-        whole = (lo_hot & hi_hot).astype(np.float32)                # runs hot end to end
-        # Per row, the hot-throughout pixels: in all columns, and within each rect's columns (one slot at a time).
-        spans = [np.maximum(0, np.minimum(runs.end, t[:, 2, None]) - np.maximum(runs.start, t[:, 0, None]))
-                 for t in slots]
-        weights = np.stack([np.broadcast_to(run_length, (m, s))] + spans, axis=2).astype(np.float32)  # (m, S, 1+k)
-        per_row = np.matmul(whole, weights)                         # (m, height, 1 + k)
-        hot[a:b] = per_row[:, :, 0].sum(axis=1)
-        # Runs that cross the threshold: their hot columns are one interval, from the crossing to one end.
-        flat = np.flatnonzero(lo_hot ^ hi_hot)
-        image, rest = np.divmod(flat, height * s)
-        row, run = np.divmod(rest, s)
-        g0 = rows[image, row, runs.lo[run]]
-        g1 = rows[image, row, runs.hi[run]]
-        crossing = ((threshold - g0) / (g1 - g0) - runs.offset[run]) / runs.slope  # the column where frac reaches it
-        start, end = runs.start[run], runs.end[run]
-        rising = g1 >= threshold
-        first = np.where(rising, np.maximum(start, np.ceil(crossing)), start)
-        last = np.where(rising, end, np.minimum(end, np.floor(crossing) + 1))
-        hot[a:b] += np.bincount(image, last - first, minlength=m)
-        row_index = np.arange(height)
-        for k, table in enumerate(slots):  # each image's k-th rect (an empty one where it has fewer)
-            c0, r0, c1, r1 = table.T
-            rows_inside = (row_index >= r0[:, None]) & (row_index < r1[:, None])
-            both[a:b] += (per_row[:, :, 1 + k] * rows_inside).sum(axis=1)
-            inside = (row >= r0[image]) & (row < r1[image])
-            cut = np.minimum(last, c1[image]) - np.maximum(first, c0[image])
-            both[a:b] += np.bincount(image, np.where(inside, np.maximum(cut, 0), 0), minlength=m)
+        top, bottom = cams[a:b][:, rows.lo], cams[a:b][:, rows.hi]
+        corners = [top[:, :, cols.lo], top[:, :, cols.hi], bottom[:, :, cols.lo], bottom[:, :, cols.hi]]
+        hot_corners = sum((c >= threshold).astype(np.int8) for c in corners)   # (m, R, S)
+        full = hot_corners == 4
+        hot[a:b] = (full * block_area).sum(axis=(1, 2))
+        for c0, r0, c1, r1 in (t.T for t in slots):  # each image's k-th rect (an empty one where it has fewer)
+            over_rows = np.maximum(0, np.minimum(rows.end, r1[:, None]) - np.maximum(rows.start, r0[:, None]))
+            over_cols = np.maximum(0, np.minimum(cols.end, c1[:, None]) - np.maximum(cols.start, c0[:, None]))
+            both[a:b] += np.einsum("nrs,nr,ns->n", full, over_rows, over_cols)
+        # Mixed blocks, row by row: [blocks, rows of the tallest block], shorter blocks' extra rows masked out.
+        flat = np.flatnonzero((hot_corners > 0) & (hot_corners < 4))
+        image, rest = np.divmod(flat, hot_corners[0].size)
+        block_row, run = np.divmod(rest, hot_corners.shape[2])
+        y, valid = row_y[block_row], row_valid[block_row]                  # (B, K)
+        wl, wh = row_weights[0][block_row], row_weights[1][block_row]
+        a_, b_, c_, d_ = (c.reshape(-1)[flat][:, None] for c in corners)
+        g0 = wl * a_ + wh * c_  # the row's value at the run's two CAM columns
+        g1 = wl * b_ + wh * d_
+        start, end = cols.start[run][:, None], cols.end[run][:, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            crossing = ((threshold - g0) / (g1 - g0) - cols.offset[run][:, None]) / cols.slope  # where frac gets there
+        # Hot from the start where the left end is hot, else from the crossing; to the end where the right end is hot,
+        # else to the crossing; nothing where both ends are cold.
+        left, right = g0 >= threshold, g1 >= threshold
+        first = np.where(left, start, np.clip(np.ceil(crossing), start, end)).astype(np.int64)
+        last = np.where(right, end, np.clip(np.floor(crossing) + 1, start, end)).astype(np.int64)
+        last = np.where(valid & (left | right), np.maximum(last, first), first)
+        hot[a:b] += np.bincount(image, (last - first).sum(axis=1), minlength=m)
+        for c0, r0, c1, r1 in (t.T for t in slots):
+            cut = np.minimum(last, c1[image][:, None]) - np.maximum(first, c0[image][:, None])
+            inside = (y >= r0[image][:, None]) & (y < r1[image][:, None])
+            both[a:b] += np.bincount(image, np.where(inside, np.maximum(cut, 0), 0).sum(axis=1), minlength=m)
     union = hot + area - both
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(union > 0, both / np.where(union > 0, union, 1.0), 0.0)

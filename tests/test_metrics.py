@@ -180,3 +180,14 @@ def test_confidence_drop_and_increase() -> None:
     drop, increase = confidence_drop(np.array([0.8, 0.5, 0.0, 0.4]), np.array([0.2, 0.6, 0.1, 0.4]))
     np.testing.assert_allclose(drop, [0.75, 0.0, np.nan, 0.0])  # Y = 0: undefined, not 0
     np.testing.assert_array_equal(increase, [False, True, True, False])
+
+
+def test_a_row_cold_at_both_ends_of_a_border_run_has_no_hot_pixel() -> None:
+    """At the left border the blend weight is clipped to 0: a falling row that never reaches the threshold has no hot
+    pixel there, though the straight line that holds further in would cross it."""
+    cam = np.array([[[0.45, 0.2], [1.0, 0.2]]], np.float32)  # the top-left block is mixed: hot at the bottom only
+    sizes, boxes = np.array([[16, 16]]), np.array([[0.0, 0.0, 4.0, 4.0]])
+    got = box_scores(cam, sizes, boxes, np.array([0]))
+    energy, iou = brute_force(cam, sizes, boxes, np.array([0]), exact=True)
+    np.testing.assert_allclose(got.iou, iou, atol=1e-12)
+    np.testing.assert_allclose(got.energy, energy, atol=1e-12)
