@@ -7,24 +7,41 @@ from pathlib import Path
 
 from gradcam_engine.report import DEFAULT_GALLERY, DEFAULT_NAME, write_report
 
-SCREENSHOT_HEIGHT = 1400  # the top of the page: summary, evaluation, per-class table and the first plots
+GALLERY_HEIGHT = 820  # pixels of the gallery shown under the summary: its heading and first row or two
 
 
 def save_screenshot(page: Path, out: Path, width: int) -> list[str]:
-    """Open the page in headless Chromium, save a PNG of its top `width` pixels wide (palette colours, small
-    enough for a README), and return what the page logged as errors."""
+    """Open the page in headless Chromium and save an overview PNG `width` pixels wide: the page from its top down
+    to the plots (summary, evaluation, per-class table), then the first rows of the gallery; palette colours keep it
+    small enough for a README. Returns what the page logged as errors."""
     from PIL import Image
 
     from gradcam_engine.report.browser import Chromium
 
-    with Chromium(width=width, height=SCREENSHOT_HEIGHT) as browser:
+    with Chromium(width=width, height=1000) as browser:
         browser.open(page)
         browser.evaluate("Promise.all(Array.from(document.images).map(function (i) { return i.decode()"
                          ".catch(function () {}); }))")
-        png = browser.screenshot()
+        marks = browser.evaluate("""(function () {
+            function top(el) { return el ? Math.round(el.getBoundingClientRect().top + window.scrollY) : null; }
+            var plots = Array.from(document.querySelectorAll('h2')).filter(function (h) {
+                return h.textContent === 'Plots'; })[0];
+            return {plots: top(plots), gallery: top(document.getElementById('gallery'))};
+        })()""")
+        png = browser.screenshot(full_page=True)
         errors = list(browser.errors)
     image = Image.open(io.BytesIO(png)).convert("RGB")
-    image.quantize(colors=128, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(out, optimize=True)
+    cut = marks["plots"] or image.height
+    parts = [image.crop((0, 0, image.width, min(cut, image.height)))]
+    if marks["gallery"] is not None:
+        start = marks["gallery"] - 10
+        parts.append(image.crop((0, start, image.width, min(image.height, start + GALLERY_HEIGHT))))
+    sheet = Image.new("RGB", (image.width, sum(p.height for p in parts) + 6 * (len(parts) - 1)), (200, 204, 214))
+    y = 0
+    for part in parts:
+        sheet.paste(part, (0, y))
+        y += part.height + 6
+    sheet.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(out, optimize=True)
     return errors
 
 
@@ -46,7 +63,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="FILE", help=f"where to write the page (default: RUN_DIR/{DEFAULT_NAME})")
     p.add_argument("--gallery", type=int, default=DEFAULT_GALLERY, metavar="N",
                    help="images per gallery section (most and least confident, misclassified, worst localised)")
-    p.add_argument("--screenshot", metavar="PNG", help="also open the page in headless Chromium and save a PNG of "
-                                                       "its top (needs the chromium package)")
+    p.add_argument("--screenshot", metavar="PNG", help="also open the page in headless Chromium and save an overview "
+                                                       "PNG: summary and tables, then the first gallery rows (needs "
+                                                       "the chromium package)")
     p.add_argument("--screenshot-width", type=int, default=1000, metavar="PX")
     p.set_defaults(handler=_report)

@@ -274,8 +274,9 @@ def _name(data: ReportData, index: int) -> str:
 
 def _card(card: Card, methods: list[str]) -> str:
     classes = sorted({card.predicted} | ({card.label} if card.label else set()))
+    captions = len(methods) > 1
     thumbs = "".join(f'<figure><img alt="{escape(m)} overlay of {escape(card.path)}" src="{uri}">'
-                     f"<figcaption>{escape(m)}</figcaption></figure>"
+                     + (f"<figcaption>{escape(m)}</figcaption>" if captions else "") + "</figure>"
                      for m in methods if (uri := card.thumbnails.get(m)))
     if not thumbs:
         thumbs = '<p class="sub">image not readable now, and the run wrote no overlay of it</p>'
@@ -325,12 +326,12 @@ def errors(data: ReportData) -> str:
 
 def render(data: ReportData) -> str:
     """The whole page."""
-    title = f"gradcam report: {data.run_dir.name or data.run_dir}"
+    title = f"gradcam report: {data.run_dir}"
     made = time.strftime("%Y-%m-%d %H:%M")
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
             f'<link rel="icon" href="data:,"><title>{escape(title)}</title><style>{STYLE}</style></head><body>'
-            f"<h1>{escape(title)}</h1><p class=\"sub\">{escape(str(data.run_dir))} · report made {made}</p>"
+            f"<h1>{escape(title)}</h1><p class=\"sub\">report made {made}</p>"
             + summary(data) + evaluation(data) + per_class(data) + confusion(data) + plots(data) + gallery(data)
             + errors(data) + f"<script>{SCRIPT}</script></body></html>")
