@@ -58,7 +58,8 @@ class ReportData:
     peaks: dict[str, np.ndarray]                # method -> [h, w] count of peak cells
     errors: list[tuple[str, str]]
     error_count: int
-    metrics: dict[str, Any] | None              # metrics.json
+    metrics: dict[str, Any] | None              # metrics.json, when an evaluation completed
+    evaluation_interrupted: bool                # metrics.json says an evaluation is under way or was killed
     metric_values: dict[str, dict[str, np.ndarray]]  # method -> metric -> per-input values (evaluated runs)
     sections: dict[str, list[Card]]             # gallery section title -> cards
 
@@ -145,6 +146,7 @@ def gather(run_dir: str | Path, gallery: int) -> ReportData:
 
     metrics = _read_json(view.root / METRICS_JSON)
     evaluated = metrics is not None and metrics.get("status") == "complete"
+    interrupted = metrics is not None and not evaluated
     metric_values: dict[str, dict[str, np.ndarray]] = {}
     sections: dict[str, list[str]] = {"Most confident": most.paths(), "Least confident": least.paths()}
     confidence_labelled = confidence_correct = None
@@ -181,7 +183,7 @@ def gather(run_dir: str | Path, gallery: int) -> ReportData:
         counts=counts, confidence=np.concatenate(confidences) if confidences else np.zeros(0),
         confidence_correct=confidence_correct, confidence_labelled=confidence_labelled, per_class=per_class,
         mean_cams=mean_cams, peaks=peaks, errors=errors, error_count=counts["error"], metrics=metrics if evaluated
-        else None, metric_values=metric_values,
+        else None, evaluation_interrupted=interrupted, metric_values=metric_values,
         sections={title: [cards[p] for p in paths if p in cards] for title, paths in sections.items()})
 
 

@@ -94,11 +94,11 @@ class Thumbnails:
         return {m: data_uri(_draw_boxes(im, boxes, width, height)) for m, im in out.items()}
 
     def _read(self, path: str, width: int, height: int) -> Image.Image | None:
-        """The input decoded as the run decoded it (EXIF orientation included), scaled to thumbnail size."""
-        loaded = load(item_for(path), (8, 8), self.max_bytes, self.max_pixels, keep_original=True)
-        if loaded.image is None or loaded.image.original is None:
-            return None
-        return Image.fromarray(loaded.image.original).resize(_fit(width, height), Image.Resampling.BILINEAR)
+        """The input decoded as the run decoded it (EXIF orientation included), straight to thumbnail size (a large
+        JPEG is decoded at a reduced scale)."""
+        thumb_width, thumb_height = _fit(width, height)
+        loaded = load(item_for(path), (thumb_height, thumb_width), self.max_bytes, self.max_pixels, False)
+        return None if loaded.image is None else Image.fromarray(loaded.image.pixels)
 
 
 def _fit(width: int, height: int) -> tuple[int, int]:

@@ -152,3 +152,15 @@ def test_a_report_shows_every_cam_method(runs: Runs, tmp_path: Path) -> None:
     cards = html.count('class="card"')
     assert html.count('alt="mirror overlay of ') == html.count('alt="gradcam overlay of ') == cards > 0
     assert 'alt="peak density, mirror"' in html and "gradcam, mirror" in html
+
+
+def test_an_unfinished_evaluation_is_named_not_shown_as_figures(runs: Runs, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs.evaluated, run_dir)
+    info = json.loads((run_dir / "metrics.json").read_text())
+    (run_dir / "metrics.json").write_text(json.dumps({**info, "status": "running"}))
+    html = write_report(run_dir).path.read_text()
+    assert "An evaluation of this run did not finish" in html and "Per method" not in html
