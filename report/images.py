@@ -4,6 +4,7 @@ jet-coloured maps (mean CAMs, where peaks fall)."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import re
 from pathlib import Path
@@ -17,7 +18,10 @@ from gradcam_engine.engine.run_config import RunConfig
 from gradcam_engine.engine.run_view import item_for
 
 THUMBNAIL = 200  # longest side, pixels
-_OVERLAY_NAME = re.compile(r"^\d{9}_(.*)\.jpg$")
+# A run's overlay files are named either by listing position and stem (`000000042_cat.jpg`) or by stem and the first
+# 12 hex digits of sha256(results path) (`cat_3f2a9c1b0d4e.jpg`); both are recognised.
+_BY_POSITION = re.compile(r"^\d{9}_(.*)\.jpg$")
+_BY_HASH = re.compile(r"^.*_([0-9a-f]{12})\.jpg$")
 
 
 def data_uri(image: Image.Image, fmt: str = "JPEG", quality: int = 82) -> str:
@@ -46,19 +50,22 @@ class Thumbnails:
         self.first_method = first_method
         self.max_bytes, self.max_pixels = max_bytes, max_pixels
         self.by_stem: dict[str, list[Path]] = {}
+        self.by_hash: dict[str, Path] = {}
         if overlays_dir.is_dir():
             for p in overlays_dir.iterdir():
-                match = _OVERLAY_NAME.match(p.name)
-                if match:
+                if match := _BY_POSITION.match(p.name):
                     self.by_stem.setdefault(match.group(1), []).append(p)
+                elif match := _BY_HASH.match(p.name):
+                    self.by_hash[match.group(1)] = p
         self.rendered = self.reused = self.unreadable = 0
 
     def _run_overlay(self, path: str, width: int, height: int) -> Image.Image | None:
-        """The run's overlay of this input: named by the input's stem; used only when exactly one file has that
-        stem and the original size, since the listing position in the name is not in the results."""
-        stem = Path(path.split("::")[-1]).stem[:80]
+        """The run's overlay of this input, if it is certain: named by the hash of its path, or else the one file
+        named by its stem at the input's original size (the listing position is not in the results)."""
+        named = self.by_hash.get(hashlib.sha256(path.encode()).hexdigest()[:12])
+        candidates = [named] if named else self.by_stem.get(Path(path.split("::")[-1]).stem[:80], [])
         found = []
-        for candidate in self.by_stem.get(stem, []):
+        for candidate in candidates:
             try:
                 with Image.open(candidate) as im:
                     if im.size == (width, height):
