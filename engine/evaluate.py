@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -342,13 +342,24 @@ def evaluate(config: EvaluateConfig) -> EvaluationSummary:
     done_array = pa.array(sorted(done), pa.string())
     rows = config.shard_size or (256 if config.faithfulness else 4096)
     columns = RESULT_COLUMNS + sorted(set(view.cam_columns.values()))
-    try:
+
+    def not_done() -> Iterator[pa.Table]:
         for batch in view.batches(columns, batch_size=rows):
             if len(done_array):
                 batch = batch.filter(pc.invert(pc.is_in(batch.column("path"), value_set=done_array)))
             if batch.num_rows:
-                store.write(score_table(batch, view, truth, probe, class_names))
-                progress.update(batch.num_rows)
+                yield batch
+
+    def scored(batch: pa.Table) -> tuple[int, pa.Table]:
+        return batch.num_rows, score_table(batch, view, truth, probe, class_names)
+
+    # Box and label metrics are numpy on whole arrays, which releases the GIL: batches are scored on every core,
+    # and written in order. Faithfulness has its own decode threads and the runtime's, so it goes one batch at a time.
+    workers = 1 if probe else (config.workers or max(1, os.cpu_count() or 1))
+    try:
+        for count, table in ordered_map(scored, not_done(), workers, 2 * workers):
+            store.write(table)
+            progress.update(count)
     finally:
         progress.close()
     table = store.dataset().to_table(columns=[f.name for f in SCHEMA if f.name not in ("boxes",)] + ["boxes"])

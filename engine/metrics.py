@@ -237,11 +237,12 @@ def _iou(cams: np.ndarray, height: int, width: int, rects: np.ndarray, owner: np
     area = np.bincount(owner, (rects[:, 2] - rects[:, 0]) * (rects[:, 3] - rects[:, 1]), minlength=n).astype(float)
     block_rows, block_cols = rows.end - rows.start, cols.end - cols.start
     block_area = np.outer(block_rows, block_cols)
-    # Per run of rows: its image rows, padded to the tallest run, and their two blending weights.
-    row_y = rows.start[:, None] + np.arange(int(block_rows.max()))[None, :]          # (R, K)
-    row_valid = row_y < rows.end[:, None]
+    # Per run of rows: the two blending weights of each of its image rows, padded to the tallest run with NaN.
+    row_offset = np.arange(int(block_rows.max()))
+    row_y = rows.start[:, None] + row_offset[None, :]                                 # (R, K)
+    padding = row_y >= rows.end[:, None]
     row_y = np.minimum(row_y, height - 1)
-    row_weights = (weight_lo[row_y], weight_hi[row_y])
+    row_weights = (np.where(padding, np.nan, weight_lo[row_y]), np.where(padding, np.nan, weight_hi[row_y]))
     step = max(1, _CHUNK_ELEMENTS // max(1, len(rows.lo) * len(cols.lo) * int(block_rows.max())))
     for a in range(0, n, step):
         b = min(n, a + step)
@@ -257,29 +258,34 @@ def _iou(cams: np.ndarray, height: int, width: int, rects: np.ndarray, owner: np
             over_rows = np.maximum(0, np.minimum(rows.end, r1[:, None]) - np.maximum(rows.start, r0[:, None]))
             over_cols = np.maximum(0, np.minimum(cols.end, c1[:, None]) - np.maximum(cols.start, c0[:, None]))
             both[a:b] += np.einsum("nrs,nr,ns->n", full, over_rows, over_cols)
-        # Mixed blocks, row by row: [blocks, rows of the tallest block], shorter blocks' extra rows masked out.
+        # Mixed blocks, row by row: [blocks, rows of the tallest block]; a shorter block's extra rows have NaN weights,
+        # so they are hot nowhere.
         flat = np.flatnonzero((hot_corners > 0) & (hot_corners < 4))
         image, rest = np.divmod(flat, hot_corners[0].size)
         block_row, run = np.divmod(rest, hot_corners.shape[2])
-        y, valid = row_y[block_row], row_valid[block_row]                  # (B, K)
-        wl, wh = row_weights[0][block_row], row_weights[1][block_row]
+        wl, wh = row_weights[0][block_row], row_weights[1][block_row]        # (B, K)
         a_, b_, c_, d_ = (c.reshape(-1)[flat][:, None] for c in corners)
         g0 = wl * a_ + wh * c_  # the row's value at the run's two CAM columns
         g1 = wl * b_ + wh * d_
-        start, end = cols.start[run][:, None], cols.end[run][:, None]
+        left, right = g0 >= threshold, g1 >= threshold
+        start, end = cols.start[run][:, None].astype(np.float64), cols.end[run][:, None].astype(np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
-            crossing = ((threshold - g0) / (g1 - g0) - cols.offset[run][:, None]) / cols.slope  # where frac gets there
+            crossing = (threshold - g0) / (g1 - g0)        # frac where the row reaches the threshold ...
+        crossing -= cols.offset[run][:, None]
+        crossing /= cols.slope                             # ... and the column where frac is that
         # Hot from the start where the left end is hot, else from the crossing; to the end where the right end is hot,
         # else to the crossing; nothing where both ends are cold.
-        left, right = g0 >= threshold, g1 >= threshold
-        first = np.where(left, start, np.clip(np.ceil(crossing), start, end)).astype(np.int64)
-        last = np.where(right, end, np.clip(np.floor(crossing) + 1, start, end)).astype(np.int64)
-        last = np.where(valid & (left | right), np.maximum(last, first), first)
-        hot[a:b] += np.bincount(image, (last - first).sum(axis=1), minlength=m)
+        first = np.where(left, start, np.maximum(start, np.minimum(end, np.ceil(crossing))))
+        last = np.where(right, end, np.maximum(start, np.minimum(end, np.floor(crossing) + 1)))
+        length = np.where(left | right, np.maximum(last - first, 0), 0)
+        hot[a:b] += np.bincount(image, length.sum(axis=1), minlength=m)
+        first_row = rows.start[block_row]
         for c0, r0, c1, r1 in (t.T for t in slots):
             cut = np.minimum(last, c1[image][:, None]) - np.maximum(first, c0[image][:, None])
-            inside = (y >= r0[image][:, None]) & (y < r1[image][:, None])
-            both[a:b] += np.bincount(image, np.where(inside, np.maximum(cut, 0), 0).sum(axis=1), minlength=m)
+            # rows r0..r1 of the image are rows r0 - first_row .. r1 - first_row of the block
+            rows_in = (row_offset >= (r0[image] - first_row)[:, None]) & (row_offset < (r1[image] - first_row)[:, None])
+            inside = np.where(rows_in & (length > 0), np.maximum(cut, 0), 0)
+            both[a:b] += np.bincount(image, inside.sum(axis=1), minlength=m)
     union = hot + area - both
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(union > 0, both / np.where(union > 0, union, 1.0), 0.0)
