@@ -1,6 +1,6 @@
 """How fast `gradcam evaluate` goes: box and label metrics from Parquet alone, and faithfulness against `run`.
 
-    python -m gradcam_engine.bench.tools.evaluate_speed boxes [--rows 50000] [--repeat 3]
+    python -m gradcam_engine.bench.tools.evaluate_speed boxes [--rows 50000] [--repeat 3] [--workers N]
     python -m gradcam_engine.bench.tools.evaluate_speed faithfulness DEMO_OUT [--repeat 2]
 
 `boxes` writes synthetic run directories (the engine's results schema, CAM-like maps: a few blobs, ReLU, divided by
@@ -81,8 +81,9 @@ def synthetic_run(folder: Path, rows: int, size: tuple[int, int], cam: tuple[int
     return run_dir, folder / "labels.csv", folder / "boxes.csv"
 
 
-def bench_boxes(rows: int, repeat: int) -> None:
-    print(f"evaluate --labels --boxes on {rows:,} results rows (Parquet only), best / median of {repeat}:")
+def bench_boxes(rows: int, repeat: int, workers: int) -> None:
+    print(f"evaluate --labels --boxes on {rows:,} results rows (Parquet only), {workers or 'all'} worker(s), best / "
+          f"median of {repeat}:")
     for size, cam, kind in SHAPES:
         with tempfile.TemporaryDirectory() as tmp:
             run_dir, labels, boxes = synthetic_run(Path(tmp), rows, size, cam, kind)
@@ -91,10 +92,12 @@ def bench_boxes(rows: int, repeat: int) -> None:
                 shutil.rmtree(run_dir / "metrics", ignore_errors=True)  # a first evaluation each time
                 (run_dir / "metrics.json").unlink(missing_ok=True)
                 start, start_cpu = time.perf_counter(), time.process_time()
-                evaluate(EvaluateConfig(str(run_dir), labels=str(labels), boxes=str(boxes), progress=False))
+                evaluate(EvaluateConfig(str(run_dir), labels=str(labels), boxes=str(boxes), workers=workers,
+                                        progress=False))
                 times.append(time.perf_counter() - start)
                 cpu.append(time.process_time() - start_cpu)
-            # CPU seconds too: on a shared machine the wall clock also counts other people's work.
+            # CPU seconds too: on a shared machine the wall clock also counts other people's work (with one worker,
+            # rows per CPU second is what one idle core does).
             print(f"  images {size[0]}x{size[1]}, CAM {cam[0]}x{cam[1]} {kind:6s}: {rows / min(times):9,.0f} rows/s "
                   f"best, {rows / statistics.median(times):9,.0f} median; {rows / min(cpu):9,.0f} rows per CPU "
                   "second")
@@ -130,12 +133,13 @@ def main() -> None:
     boxes = sub.add_parser("boxes")
     boxes.add_argument("--rows", type=int, default=50_000)
     boxes.add_argument("--repeat", type=int, default=3)
+    boxes.add_argument("--workers", type=int, default=0, help="scoring threads (default: one per core)")
     faith = sub.add_parser("faithfulness")
     faith.add_argument("demo", type=Path, help="the directory `gradcam demo` wrote")
     faith.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args()
     if args.what == "boxes":
-        bench_boxes(args.rows, args.repeat)
+        bench_boxes(args.rows, args.repeat, args.workers)
     else:
         bench_faithfulness(args.demo, args.repeat)
 
