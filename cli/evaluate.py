@@ -13,8 +13,9 @@ def config_from(args: argparse.Namespace) -> EvaluateConfig:
     """The EvaluateConfig the flags describe."""
     return EvaluateConfig(
         run_dir=args.run_dir, labels=args.labels, labels_from_folders=args.labels_from_folders, boxes=args.boxes,
-        root=args.root, faithfulness=listed(args.faithfulness) or (), steps=args.steps, baseline=args.baseline,
-        artifact=args.artifact, session=SessionOptions(backend="onnx", device=args.device, threads=args.threads),
+        root=args.root, faithfulness=listed([args.faithfulness]) if args.faithfulness else (), steps=args.steps,
+        baseline=args.baseline, artifact=args.artifact,
+        session=SessionOptions(backend="onnx", device=args.device, threads=args.threads),
         batch_size=args.batch_size, workers=args.workers, shard_size=args.shard_size, overwrite=args.overwrite)
 
 
@@ -36,8 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                    "box), or a COCO JSON file")
     p.add_argument("--root", metavar="DIR", help="relative paths in --labels/--boxes start here (default: the "
                                                  "file's own folder)")
-    p.add_argument("--faithfulness", nargs="+", metavar="KIND",
-                   help=f"any of {','.join(KINDS)}: re-decode each image and perturb it through the artifact")
+    p.add_argument("--faithfulness", metavar="KINDS",
+                   help=f"comma-separated, any of {','.join(KINDS)}: re-decode each image and perturb it through "
+                        "the artifact")
     p.add_argument("--steps", type=int, default=default(EvaluateConfig, "steps"),
                    help="K of deletion/insertion: K + 1 points per curve")
     p.add_argument("--baseline", default=default(EvaluateConfig, "baseline"), choices=sorted(BASELINES),
@@ -48,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="inference threads (default: the runtime's)")
     p.add_argument("--batch-size", type=int, default=default(EvaluateConfig, "batch_size"))
     p.add_argument("--workers", type=int, default=default(EvaluateConfig, "workers"),
-                   help="decode threads (default: one per core)")
+                   help="threads: decoding for faithfulness, scoring otherwise (default: one per core)")
     p.add_argument("--shard-size", type=int, default=default(EvaluateConfig, "shard_size"),
                    help="inputs per metrics shard, the resume granularity (default: 4096, or 256 with faithfulness)")
     p.add_argument("--overwrite", action="store_true", help="replace metrics evaluated with other options")

@@ -53,7 +53,7 @@ class EvaluateConfig:
     artifact: str | None = None            # default: the run's
     session: SessionOptions = field(default_factory=SessionOptions)  # device and threads (ONNX Runtime)
     batch_size: int = 32                   # images per forward pass, for faithfulness
-    workers: int = 0                       # decode threads; 0 = one per core
+    workers: int = 0                       # decode threads (faithfulness) or scoring threads; 0 = one per core
     shard_size: int = 0                    # inputs per metrics shard, the resume granularity; 0: 4096, or 256
                                            # when measuring faithfulness (minutes of work, not hours, to redo)
     overwrite: bool = False
