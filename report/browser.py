@@ -52,6 +52,7 @@ class Chromium:
 
     def __init__(self, width: int = 1280, height: int = 2000, timeout: float = 60.0,
                  executable: str | None = None):
+        executable = executable or find_chromium()  # before anything is opened, so a failure leaves nothing behind
         self.width, self.height, self.timeout = width, height, timeout
         self.errors: list[str] = []
         self._events: list[dict[str, Any]] = []
@@ -66,7 +67,7 @@ class Chromium:
             os.dup2(to_browser_read, 3)
             os.dup2(from_browser_write, 4)
 
-        args = [executable or find_chromium(), *FLAGS, f"--user-data-dir={self._profile}",
+        args = [executable, *FLAGS, f"--user-data-dir={self._profile}",
                 f"--window-size={width},{height}", "about:blank"]
         self._process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
                                          preexec_fn=place_pipes, pass_fds=(3, 4))
@@ -76,12 +77,16 @@ class Chromium:
         self._session: str | None = None
 
     def __enter__(self) -> "Chromium":
-        target = self.call("Target.createTarget", {"url": "about:blank"})["targetId"]
-        self._session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
-        for domain in ("Page", "Runtime", "Log"):
-            self.call(f"{domain}.enable")
-        self.call("Emulation.setDeviceMetricsOverride",
-                  {"width": self.width, "height": self.height, "deviceScaleFactor": 1, "mobile": False})
+        try:
+            target = self.call("Target.createTarget", {"url": "about:blank"})["targetId"]
+            self._session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+            for domain in ("Page", "Runtime", "Log"):
+                self.call(f"{domain}.enable")
+            self.call("Emulation.setDeviceMetricsOverride",
+                      {"width": self.width, "height": self.height, "deviceScaleFactor": 1, "mobile": False})
+        except BaseException:
+            self.close()  # no browser left behind when it never became usable
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
