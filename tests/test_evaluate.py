@@ -7,10 +7,8 @@ import csv
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,7 @@ from gradcam_engine.engine.overlay import upsample
 from gradcam_engine.engine.run_config import RunConfig
 from gradcam_engine.engine.session import GradCAMSession, SessionOptions
 from engine_support import (CLASS_NAMES, REPO, SmallArtifact, add_method, artifact, cam_of,  # noqa: F401 (fixture)
-                            child_env, rows_by_path, run_python, scene, write_image)
+                            child_env, kill_at_first_shard, rows_by_path, run_python, scene, write_image)
 
 SIZES = [(64, 64), (80, 60), (50, 90), (120, 100), (64, 48), (96, 96)] * 3
 CPU = SessionOptions(backend="onnx", device="cpu", threads=1)
@@ -300,24 +298,7 @@ def test_an_evaluation_killed_mid_way_resumes_with_one_row_per_input_and_method(
     args = ["--labels", str(scenario.labels_csv), "--boxes", str(scenario.boxes_csv), "--faithfulness",
             "drop,deletion,insertion", "--steps", "12", "--device", "cpu", "--threads", "1", "--batch-size", "1",
             "--workers", "1"]
-    process = subprocess.Popen([sys.executable, "-m", "gradcam_engine.cli", "evaluate", str(run_dir), *args,
-                                "--shard-size", "2"], cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while not list(metrics.glob("part-*.parquet")):
-            assert process.poll() is None, "evaluate ended before a shard appeared: " + process.stderr.read().decode()
-            assert time.monotonic() < deadline, "no shard appeared within 120 s"
-            time.sleep(0.002)
-        assert process.poll() is None, "evaluate finished before it could be killed"
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        process.stdout.close()
-        process.stderr.close()
+    kill_at_first_shard(["evaluate", str(run_dir), *args, "--shard-size", "2"], metrics, timeout=120)
     assert metrics_json(run_dir)["status"] == "running"
     committed = len(metrics_rows(run_dir))
     assert 0 < committed < 19
