@@ -25,7 +25,7 @@ from gradcam_engine.engine.overlay import bilinear_matrix, bilinear_taps
 
 IOU_THRESHOLD = 0.5
 _TIE = 1e-9  # far below float32 resolution near 0.5 (3e-8), far above float64 rounding
-_CHUNK_ELEMENTS = 1 << 22  # bounds the temporary (images x rows x runs) arrays of one size group
+_CHUNK_ELEMENTS = 1 << 18  # per chunk of images: temporaries that stay in cache (measured fastest of 2^16..2^22)
 
 
 # --- the pointing game ------------------------------------------------------------------------------------------------
@@ -248,16 +248,16 @@ def _iou(cams: np.ndarray, height: int, width: int, rects: np.ndarray, owner: np
         b = min(n, a + step)
         m = b - a
         in_chunk = (owner >= a) & (owner < b)
-        slots = _rect_slots(rects[in_chunk], owner[in_chunk] - a, m)
+        r, local = rects[in_chunk], owner[in_chunk] - a                          # (Q, 4): c0, r0, c1, r1
         top, bottom = cams[a:b][:, rows.lo], cams[a:b][:, rows.hi]
         corners = [top[:, :, cols.lo], top[:, :, cols.hi], bottom[:, :, cols.lo], bottom[:, :, cols.hi]]
         hot_corners = sum((c >= threshold).astype(np.int8) for c in corners)   # (m, R, S)
         full = hot_corners == 4
         hot[a:b] = (full * block_area).sum(axis=(1, 2))
-        for c0, r0, c1, r1 in (t.T for t in slots):  # each image's k-th rect (an empty one where it has fewer)
-            over_rows = np.maximum(0, np.minimum(rows.end, r1[:, None]) - np.maximum(rows.start, r0[:, None]))
-            over_cols = np.maximum(0, np.minimum(cols.end, c1[:, None]) - np.maximum(cols.start, c0[:, None]))
-            both[a:b] += np.einsum("nrs,nr,ns->n", full, over_rows, over_cols)
+        # Blocks hot throughout, within each rect: the rows and the columns they share, multiplied.
+        over_rows = np.maximum(0, np.minimum(rows.end, r[:, 3:4]) - np.maximum(rows.start, r[:, 1:2]))  # (Q, R)
+        over_cols = np.maximum(0, np.minimum(cols.end, r[:, 2:3]) - np.maximum(cols.start, r[:, 0:1]))  # (Q, S)
+        both[a:b] += np.bincount(local, np.einsum("qrs,qr,qs->q", full[local], over_rows, over_cols), minlength=m)
         # Mixed blocks, row by row: [blocks, rows of the tallest block]; a shorter block's extra rows have NaN weights,
         # so they are hot nowhere.
         flat = np.flatnonzero((hot_corners > 0) & (hot_corners < 4))
@@ -279,30 +279,20 @@ def _iou(cams: np.ndarray, height: int, width: int, rects: np.ndarray, owner: np
         last = np.where(right, end, np.maximum(start, np.minimum(end, np.floor(crossing) + 1)))
         length = np.where(left | right, np.maximum(last - first, 0), 0)
         hot[a:b] += np.bincount(image, length.sum(axis=1), minlength=m)
-        first_row = rows.start[block_row]
-        for c0, r0, c1, r1 in (t.T for t in slots):
-            cut = np.minimum(last, c1[image][:, None]) - np.maximum(first, c0[image][:, None])
-            # rows r0..r1 of the image are rows r0 - first_row .. r1 - first_row of the block
-            rows_in = (row_offset >= (r0[image] - first_row)[:, None]) & (row_offset < (r1[image] - first_row)[:, None])
-            inside = np.where(rows_in & (length > 0), np.maximum(cut, 0), 0)
-            both[a:b] += np.bincount(image, inside.sum(axis=1), minlength=m)
+        # Their rows within each rect: every pair of a rect and a mixed block of its image (blocks come image by image).
+        since, until = np.searchsorted(image, local, "left"), np.searchsorted(image, local, "right")
+        count = until - since
+        pair = np.repeat(np.arange(len(local)), count)                      # the pair's rect
+        block = np.repeat(since - (np.cumsum(count) - count), count) + np.arange(int(count.sum()))
+        rect = r[pair]
+        cut = np.minimum(last[block], rect[:, 2:3]) - np.maximum(first[block], rect[:, 0:1])
+        first_row = rows.start[block_row[block]]                            # rect rows r0..r1 are block rows
+        rows_in = (row_offset >= (rect[:, 1] - first_row)[:, None]) & (row_offset < (rect[:, 3] - first_row)[:, None])
+        inside = np.where(rows_in & (length[block] > 0), np.maximum(cut, 0), 0)
+        both[a:b] += np.bincount(local[pair], inside.sum(axis=1), minlength=m)
     union = hot + area - both
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(union > 0, both / np.where(union > 0, union, 1.0), 0.0)
-
-
-def _rect_slots(rects: np.ndarray, owner: np.ndarray, n: int) -> list[np.ndarray]:
-    """Rects as tables [n, 4]: table k holds each image's k-th rect, an empty one where the image has fewer."""
-    order = np.argsort(owner, kind="stable")
-    rects, owner = rects[order], owner[order]
-    counts = np.bincount(owner, minlength=n)
-    slot = np.arange(len(owner)) - (np.cumsum(counts) - counts)[owner]
-    tables = []
-    for k in range(int(counts.max()) if len(owner) else 0):
-        table = np.zeros((n, 4), np.int64)
-        table[owner[slot == k]] = rects[slot == k]
-        tables.append(table)
-    return tables
 
 
 # --- labels -----------------------------------------------------------------------------------------------------------
