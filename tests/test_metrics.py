@@ -191,3 +191,20 @@ def test_a_row_cold_at_both_ends_of_a_border_run_has_no_hot_pixel() -> None:
     energy, iou = brute_force(cam, sizes, boxes, np.array([0]), exact=True)
     np.testing.assert_allclose(got.iou, iou, atol=1e-12)
     np.testing.assert_allclose(got.energy, energy, atol=1e-12)
+
+
+def test_scores_do_not_depend_on_how_images_are_chunked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gradcam_engine.engine import metrics
+
+    rng = np.random.default_rng(8)
+    n = 40
+    cams = smooth_cams(rng, n, 7, 7)
+    sizes = np.tile([[120, 90]], (n, 1))
+    owner = np.concatenate([np.arange(n), np.arange(0, n, 3)])
+    x0, y0 = rng.uniform(0, 70, len(owner)), rng.uniform(0, 50, len(owner))
+    boxes = np.stack([x0, y0, x0 + 40, y0 + 30], axis=1)
+    whole = box_scores(cams, sizes, boxes, owner)
+    monkeypatch.setattr(metrics, "_CHUNK_ELEMENTS", 1)  # one image per chunk
+    chunked = box_scores(cams, sizes, boxes, owner)
+    np.testing.assert_array_equal(chunked.iou, whole.iou)
+    np.testing.assert_array_equal(chunked.energy, whole.energy)
