@@ -14,7 +14,8 @@ def _demo(args: argparse.Namespace) -> int:
     import_tensorflow("gradcam demo")
     from gradcam_engine.demo.run import run_demo
 
-    print(run_demo(Path(args.out), images=args.images, overlays=args.overlays, backend=args.backend).text())
+    print(run_demo(Path(args.out), images=args.images, overlays=args.overlays, backend=args.backend,
+                   faithfulness=args.faithfulness).text())
     return 0
 
 
@@ -23,9 +24,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     from gradcam_engine.demo.run import run_demo
 
     defaults = {name: p.default for name, p in inspect.signature(run_demo).parameters.items()}
-    p = sub.add_parser("demo", help="run the embedded demo: synthetic scenes, shipped model, overlays, pointing game")
+    p = sub.add_parser("demo", help="run the embedded demo: synthetic scenes, shipped model, overlays, evaluate, "
+                                    "report")
     p.add_argument("--out", default="demo_out", help="where images, artifact and run go (default: demo_out/)")
     p.add_argument("--images", type=int, default=defaults["images"])
     p.add_argument("--overlays", type=int, default=defaults["overlays"], help="overlays for the first N images")
     p.add_argument("--backend", default=defaults["backend"], choices=sorted(BACKENDS))
+    p.add_argument("--faithfulness", default=defaults["faithfulness"], action=argparse.BooleanOptionalAction,
+                   help="measure Average Drop and deletion/insertion through the artifact (adds about 15 forward "
+                        "passes per image)")
     p.set_defaults(handler=_demo)

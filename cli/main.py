@@ -5,11 +5,11 @@ import argparse
 import sys
 from typing import Sequence
 
-from gradcam_engine.cli import bench, demo, export, run
+from gradcam_engine.cli import bench, demo, evaluate, export, report, run
 from gradcam_engine.engine.errors import UserError
 
 # Each module adds its subcommand with `register(subparsers)`; the handler it sets returns the exit code.
-SUBCOMMANDS = (export, run, demo, bench)
+SUBCOMMANDS = (export, run, evaluate, report, demo, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

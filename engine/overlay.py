@@ -43,14 +43,21 @@ def jet(heat: np.ndarray) -> np.ndarray:
     return jet_table()[index]
 
 
-@lru_cache(maxsize=256)
-def bilinear_matrix(out_size: int, in_size: int) -> np.ndarray:
-    """[out, in] weights of bilinear resizing with half-pixel centres (tf.image.resize's default)."""
+def bilinear_taps(out_size: int, in_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per output position: the two input positions it blends (lo, hi) and the weight of hi, for bilinear resizing
+    with half-pixel centres (tf.image.resize's default); the one definition the matrices and the metrics share."""
     centres = (np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5
     centres = np.clip(centres, 0, in_size - 1)
     lo = np.floor(centres).astype(np.int64)
     hi = np.minimum(lo + 1, in_size - 1)
     frac = (centres - lo).astype(np.float32)
+    return lo, hi, frac
+
+
+@lru_cache(maxsize=256)
+def bilinear_matrix(out_size: int, in_size: int) -> np.ndarray:
+    """[out, in] weights of bilinear resizing with half-pixel centres (tf.image.resize's default)."""
+    lo, hi, frac = bilinear_taps(out_size, in_size)
     m = np.zeros((out_size, in_size), np.float32)
     rows = np.arange(out_size)
     np.add.at(m, (rows, lo), 1.0 - frac)

@@ -17,6 +17,7 @@ from gradcam_engine.engine.decode import DecodedImage, DecodeError, decode_image
 from gradcam_engine.engine.inputs import InputItem, ReadError, read_bytes
 
 T = TypeVar("T")
+U = TypeVar("U")
 
 
 @dataclass
@@ -42,11 +43,10 @@ def load(item: InputItem, size: tuple[int, int], max_bytes: int, max_pixels: int
         return Loaded(item.key, error="out of memory while decoding (decode)")
 
 
-def ordered_map(fn: Callable[[InputItem], Loaded], items: Iterable[InputItem], workers: int,
-                prefetch: int) -> Iterator[Loaded]:
+def ordered_map(fn: Callable[[T], U], items: Iterable[T], workers: int, prefetch: int) -> Iterator[U]:
     """Like executor.map, but with at most `prefetch` items in flight, so a huge input list never piles up."""
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
-        pending: deque[Future[Loaded]] = deque()
+        pending: deque[Future[U]] = deque()
         for item in items:
             pending.append(pool.submit(fn, item))
             if len(pending) >= prefetch:

@@ -306,10 +306,11 @@ class GradCAMSession:
             class_index = np.concatenate([class_index, np.repeat(class_index[-1:], fixed - n)])
         return Prepared(n=n, feed=self.backend.prepare(images, class_index))
 
-    def run_prepared(self, prepared: Prepared) -> Arrays:
-        """Run a staged batch; padding rows are cut off."""
-        out = self.backend.run_prepared(prepared.feed, C.ENGINE_OUTPUTS)
+    def run_prepared(self, prepared: Prepared, outputs: tuple[str, ...] = C.ENGINE_OUTPUTS) -> Arrays:
+        """Run a staged batch; padding rows are cut off. Fewer outputs (predictions alone, to score perturbed
+        images) spare copying the rest back."""
+        out = self.backend.run_prepared(prepared.feed, outputs)
         return {k: v[:prepared.n] for k, v in out.items()}
 
-    def __call__(self, batch: Arrays) -> Arrays:
-        return self.run_prepared(self.prepare(batch))
+    def __call__(self, batch: Arrays, outputs: tuple[str, ...] = C.ENGINE_OUTPUTS) -> Arrays:
+        return self.run_prepared(self.prepare(batch), outputs)

@@ -210,7 +210,54 @@ print(json.dumps({"vmhwm_kb": int(status["VmHWM"].split()[0]), "images": summary
 """
 
 
+def kill_at_first_shard(command: list[str], shards: Path, timeout: float = 60) -> None:
+    """Start a `gradcam` command and SIGKILL it as soon as its first shard appears in `shards`: a kill mid-way,
+    with some work committed and the rest not."""
+    import signal
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "gradcam_engine.cli", *command], cwd=REPO, env=child_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + timeout
+        while not list(shards.glob("part-*.parquet")):
+            assert process.poll() is None, "it ended before a shard appeared: " + process.stderr.read().decode()
+            assert time.monotonic() < deadline, f"no shard appeared within {timeout:.0f} s"
+            time.sleep(0.002)
+        assert process.poll() is None, "it finished before it could be killed; it needs more or slower work"
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+        process.stderr.close()
+    assert process.returncode == -signal.SIGKILL
+
+
 def measured_run(artifact_root: Path, out: Path, inputs: list[str], timeout: float = 120) -> dict[str, Any]:
     done = run_python(MEASURED_RUN, str(artifact_root), str(out), *inputs, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --- several CAM methods --------------------------------------------------------------------------------------------
+
+def add_method(run_dir: Path, name: str) -> None:
+    """What a run with a second CAM method looks like: a `cam_<name>` column (here the map flipped left-right) and
+    the methods listed in run.json in output order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for shard in sorted((run_dir / "results").glob("part-*.parquet")):
+        table = pq.read_table(shard)
+        flipped = []
+        for row in table.select(["cam", "cam_height", "cam_width"]).to_pylist():
+            cam = None if row["cam"] is None else np.asarray(row["cam"], np.float32).reshape(
+                row["cam_height"], row["cam_width"])[:, ::-1].ravel().tolist()
+            flipped.append(cam)
+        pq.write_table(table.append_column(f"cam_{name}", pa.array(flipped, pa.list_(pa.float32()))), shard)
+    info = json.loads((run_dir / "run.json").read_text())
+    info["methods"] = ["gradcam", name]
+    (run_dir / "run.json").write_text(json.dumps(info))

@@ -12,9 +12,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "gradcam_engine"
-FOLDERS = {"engine": "engine", "export": "export", "cli": "cli", "demo": "demo", "bench": "bench"}
+FOLDERS = {"engine": "engine", "export": "export", "cli": "cli", "demo": "demo", "report": "report", "bench": "bench"}
 CORE = ("engine", "export")
-ABOVE_CORE = ("cli", "demo", "bench")
+ABOVE_CORE = ("cli", "demo", "report", "bench")
 
 
 def imported_modules(path: Path) -> list[tuple[int, str]]:

@@ -3,11 +3,6 @@ different run is refused unless overwriting."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +13,7 @@ from gradcam_engine.engine.errors import RunError
 from gradcam_engine.engine.local_run import run_gradcam
 from gradcam_engine.engine.run_config import RunConfig
 from gradcam_engine.engine.session import SessionOptions
-from engine_support import (REPO, SmallArtifact, artifact, cam_of, child_env, copy_artifact,  # noqa: F401 (fixture)
+from engine_support import (SmallArtifact, artifact, cam_of, copy_artifact, kill_at_first_shard,  # noqa: F401 (fixture)
                             results_table, rows_by_path, scene, write_image, write_scenes)
 
 
@@ -65,25 +60,8 @@ def test_a_run_killed_mid_way_resumes_with_exactly_one_row_per_input(artifact: S
                                                                      many: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     results = run_dir / "results"
-    command = [sys.executable, "-m", "gradcam_engine.cli", "run", str(artifact.root), str(many), "--out", str(run_dir),
-               "--shard-size", "4", "--batch-size", "2", "--workers", "1", "--threads", "1", "--overlays", "all"]
-    process = subprocess.Popen(command, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 60
-        while not list(results.glob("part-*.parquet")):
-            assert process.poll() is None, "the run ended before a shard appeared: " + process.stderr.read().decode()
-            assert time.monotonic() < deadline, "no shard appeared within 60 s"
-            time.sleep(0.002)
-        assert process.poll() is None, "the run finished before it could be killed; it needs more or larger images"
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        process.stdout.close()
-        process.stderr.close()
-    assert process.returncode == -signal.SIGKILL
+    kill_at_first_shard(["run", str(artifact.root), str(many), "--out", str(run_dir), "--shard-size", "4",
+                         "--batch-size", "2", "--workers", "1", "--threads", "1", "--overlays", "all"], results)
     assert json.loads((run_dir / "run.json").read_text())["status"] == "running"
     committed = results_table(run_dir).num_rows
     assert 0 < committed < 80

@@ -1,0 +1,185 @@
+"""`report`: one self-contained page, opened in a real headless Chromium: it renders, every gallery image loads, the
+page logs no error, and the class filter works. Chromium is part of the test environment (`.ci/run` installs the
+Debian package): without it these tests fail and say so; they never skip."""
+from __future__ import annotations
+
+import csv
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gradcam_engine.engine.evaluate import EvaluateConfig, evaluate
+from gradcam_engine.engine.local_run import run_gradcam
+from gradcam_engine.engine.run_config import RunConfig
+from gradcam_engine.engine.session import SessionOptions
+from gradcam_engine.report import write_report
+from gradcam_engine.report.browser import Chromium, page_images
+from engine_support import (CLASS_NAMES, SmallArtifact, add_method, artifact, rows_by_path,  # noqa: F401 (fixture)
+                            scene, write_image)
+
+CPU = SessionOptions(backend="onnx", device="cpu", threads=1)
+WIDTH, HEIGHT = 1280, 1600
+
+
+@dataclass
+class Runs:
+    evaluated: Path     # labels, boxes and faithfulness; overlays for the first 3 images; one error row
+    plain: Path         # the same inputs, never evaluated, no overlays
+
+
+@pytest.fixture(scope="module")
+def runs(artifact: SmallArtifact, tmp_path_factory: pytest.TempPathFactory) -> Runs:  # noqa: F811
+    root = tmp_path_factory.mktemp("report")
+    images = root / "images"
+    for i in range(12):
+        write_image(images / CLASS_NAMES[i % 3] / f"img_{i:02d}.jpg", scene(60 + 7 * i, 50 + 3 * i, 70 + i))
+    (images / "dog" / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    evaluated, plain = root / "evaluated", root / "plain"
+    run_gradcam(RunConfig(artifact=str(artifact.root), inputs=[str(images)], out=str(evaluated), session=CPU,
+                          overlays="3", progress=False))
+    run_gradcam(RunConfig(artifact=str(artifact.root), inputs=[str(images)], out=str(plain), session=CPU,
+                          progress=False))
+    boxes = root / "boxes.csv"
+    with open(boxes, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "x0", "y0", "x1", "y1"])
+        for path, row in rows_by_path(evaluated).items():
+            if row["status"] == "ok":
+                writer.writerow([path, 5, 5, row["width"] // 2, row["height"] // 2])
+    evaluate(EvaluateConfig(str(evaluated), labels_from_folders=True, boxes=str(boxes), session=CPU, steps=2,
+                            faithfulness=("drop", "deletion", "insertion"), progress=False))
+    return Runs(evaluated=evaluated, plain=plain)
+
+
+def rendered(page: Path) -> tuple[bytes, list[dict], list[str], Chromium]:
+    """Open the page; return its screenshot, its images once decoded, and the errors it logged."""
+    with Chromium(width=WIDTH, height=HEIGHT) as browser:
+        browser.open(page)
+        images = page_images(browser)
+        shot = browser.screenshot()
+        return shot, images, list(browser.errors), browser
+
+
+def test_the_report_renders_in_chromium_with_every_image_loaded_and_no_error(runs: Runs, tmp_path: Path) -> None:
+    summary = write_report(runs.evaluated, tmp_path / "report.html")
+    html = summary.path.read_text()
+    with Chromium(width=WIDTH, height=HEIGHT) as browser:
+        browser.open(summary.path)
+        images = page_images(browser)
+        shot = browser.screenshot()
+        cards = browser.evaluate("document.querySelectorAll('.card').length")
+        # The class filter: choose a class some cards have and others not; only the cards predicted or labelled
+        # as it stay visible, and each section's counter says how many.
+        visible = browser.evaluate("""(function () {
+            var select = document.getElementById('class-filter');
+            var cards = Array.from(document.querySelectorAll('.card'));
+            function having(name) {
+                return cards.filter(function (c) {
+                    return JSON.parse(c.getAttribute('data-classes')).indexOf(name) >= 0; }).length;
+            }
+            var name = Array.from(select.options).map(function (o) { return o.value; }).filter(function (v) {
+                return v && having(v) > 0 && having(v) < cards.length; })[0];
+            select.value = name;
+            select.dispatchEvent(new Event('change'));
+            return {name: name, shown: cards.filter(function (c) { return !c.hidden; }).length, having: having(name),
+                    counters: Array.from(document.querySelectorAll('.shown')).map(function (s) {
+                        return Number(s.textContent); })};
+        })()""")
+        errors = list(browser.errors)
+
+    assert errors == [], errors
+    gallery = [i for i in images if i["alt"].startswith("gradcam overlay of ")]
+    assert len(gallery) == cards > summary.cards > 0  # an image may show in several sections, rendered once
+    broken = [i["alt"] for i in images if not i["complete"] or i["naturalWidth"] == 0]
+    assert broken == [], broken
+    assert visible["name"] and 0 < visible["shown"] == visible["having"] < cards, visible
+    assert sum(visible["counters"]) == visible["shown"]
+
+    screenshot = Image.open(io.BytesIO(shot)).convert("RGB")
+    assert screenshot.size == (WIDTH, HEIGHT)
+    pixels = np.asarray(screenshot)
+    assert pixels.std() > 20, "the page looks blank"
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 500  # text, tables, plots and heatmaps, not a flat page
+    for section in ("Run", "Evaluation", "Per class", "Plots", "Gallery", "Errors (1)"):
+        assert f">{section}" in html
+    assert "Misclassified" in html and "Worst localised" in html and "truncated.jpg" in html
+
+
+def test_the_browser_checks_catch_a_broken_image_and_a_script_error(tmp_path: Path) -> None:
+    """The checks above can fail: a page with an undecodable image and an error in its script is caught."""
+    page = tmp_path / "bad.html"
+    page.write_text('<!DOCTYPE html><html><body><img alt="broken" src="data:image/png;base64,iVBORw0KGgo=">'
+                    "<script>console.error('boom'); undefinedFunction();</script></body></html>")
+    _, images, errors, _ = rendered(page)
+    assert [i["naturalWidth"] for i in images] == [0]
+    assert any("boom" in e for e in errors) and any("undefinedFunction" in e for e in errors)
+
+
+def test_the_report_is_one_file_that_fetches_nothing(runs: Runs, tmp_path: Path) -> None:
+    page = write_report(runs.evaluated, tmp_path / "r.html").path
+    html = page.read_text()
+    links = re.findall(r'(?:src|href)="([^"]*)"', html)
+    assert links and all(link.startswith(("data:", "#")) for link in links), [l[:40] for l in links
+                                                                               if not l.startswith("data:")]
+    assert "default-src 'none'" in html  # the browser itself refuses any request the page might make
+    assert list(tmp_path.iterdir()) == [page]
+
+
+def test_gallery_thumbnails_reuse_the_runs_overlays_or_are_rendered(runs: Runs, tmp_path: Path) -> None:
+    with_overlays = write_report(runs.evaluated, tmp_path / "a.html")
+    assert with_overlays.reused_overlays >= 1  # the run wrote overlays for its first 3 inputs
+    assert with_overlays.reused_overlays + with_overlays.rendered == with_overlays.cards
+    without = write_report(runs.plain, tmp_path / "b.html", gallery=2)
+    assert without.reused_overlays == 0 and without.rendered == without.cards
+    html = (tmp_path / "b.html").read_text()
+    assert html.count('class="card"') == without.cards <= 4  # two per section: most and least confident
+    assert "Not evaluated" in html and "Misclassified" not in html
+
+
+def test_a_report_shows_every_cam_method(runs: Runs, tmp_path: Path) -> None:
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs.plain, run_dir)
+    add_method(run_dir, "mirror")
+    summary = write_report(run_dir)
+    html = summary.path.read_text()
+    cards = html.count('class="card"')
+    assert html.count('alt="mirror overlay of ') == html.count('alt="gradcam overlay of ') == cards > 0
+    assert 'alt="peak density, mirror"' in html and "gradcam, mirror" in html
+
+
+def test_an_unfinished_evaluation_is_named_not_shown_as_figures(runs: Runs, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs.evaluated, run_dir)
+    info = json.loads((run_dir / "metrics.json").read_text())
+    (run_dir / "metrics.json").write_text(json.dumps({**info, "status": "running"}))
+    html = write_report(run_dir).path.read_text()
+    assert "An evaluation of this run did not finish" in html and "Per method" not in html
+
+
+@pytest.mark.parametrize("name", ["000000007_cat.jpg", "cat_{hash}.jpg"])
+def test_a_runs_overlay_is_found_by_either_naming(tmp_path: Path, name: str) -> None:
+    """Overlays named by listing position and stem, or by stem and a hash of the results path: either is reused
+    (the input itself is gone, so a thumbnail can only come from the overlay)."""
+    import hashlib
+
+    from gradcam_engine.report.images import Thumbnails
+
+    path = str(tmp_path / "gone" / "cat.jpg")
+    folder = tmp_path / "overlays"
+    folder.mkdir()
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(folder / name.format(
+        hash=hashlib.sha256(path.encode()).hexdigest()[:12]))
+    thumbnails = Thumbnails(folder, "gradcam")
+    uris = thumbnails.overlays(path, 64, 48, {"gradcam": np.zeros((4, 4), np.float32)}, None)
+    assert list(uris) == ["gradcam"] and thumbnails.reused == 1
+    assert thumbnails.overlays(path, 65, 48, {"gradcam": np.zeros((4, 4), np.float32)}, None) == {}  # other size
