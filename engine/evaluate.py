@@ -31,7 +31,7 @@ from gradcam_engine.engine.metrics_store import METRICS_JSON, SCHEMA, MetricsSto
 from gradcam_engine.engine.pipeline import load, ordered_map
 from gradcam_engine.engine.progress import Progress
 from gradcam_engine.engine.run_config import RunConfig
-from gradcam_engine.engine.run_view import RunView, cam_array, item_for
+from gradcam_engine.engine.run_view import RunView, cam_array
 from gradcam_engine.engine.session import GradCAMSession, SessionOptions
 
 RESULT_COLUMNS = ["path", "status", "error", "width", "height", "predicted_class", "predicted_label",
@@ -173,6 +173,7 @@ class FaithfulnessProbe:
         self.max_bytes = int(run_options.get("max_bytes", RunConfig.max_bytes))
         self.max_pixels = int(run_options.get("max_pixels", RunConfig.max_pixels))
         self.config = config
+        self.view = view
         self.workers = config.workers or max(1, os.cpu_count() or 1)
         self.score = session_scorer(self.session, config.batch_size)
 
@@ -187,7 +188,8 @@ class FaithfulnessProbe:
                    "insertion": np.full((n, steps + 1), np.nan)} for m in cams}
         errors: list[str | None] = [None] * n
         loaded = ordered_map(lambda item: load(item, self.size, self.max_bytes, self.max_pixels, False),
-                             [item_for(p) for p in paths], self.workers, max(2 * config.batch_size, 4 * self.workers))
+                             [self.view.item(p) for p in paths], self.workers,
+                             max(2 * config.batch_size, 4 * self.workers))
         good: list[int] = []
         pixels: list[np.ndarray] = []
         for i, x in enumerate(loaded):

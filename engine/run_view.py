@@ -8,6 +8,7 @@ here.
 from __future__ import annotations
 
 import json
+import os
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,8 +21,9 @@ from gradcam_engine.engine import contract as C
 from gradcam_engine.engine.errors import RunError
 from gradcam_engine.engine.inputs import IMAGE, TAR_MEMBER, InputItem, split_tar_key
 from gradcam_engine.engine.overlay import OVERLAY_DIR
-from gradcam_engine.engine.results import RESULTS_DIR
+from gradcam_engine.engine.results import RESULTS_DIR, path_key, shard_base
 from gradcam_engine.engine.rundir import RUN_JSON
+from gradcam_engine.engine.storage import is_uri
 
 DEFAULT_METHOD = "gradcam"
 
@@ -44,7 +46,7 @@ def cam_columns(schema: pa.Schema, methods: list[str]) -> dict[str, str]:
 
 
 def item_for(key: str) -> InputItem:
-    """The input item a results path names, so an input can be read again as the run read it."""
+    """The input item an exact input key names (a tar member or an image)."""
     try:
         split_tar_key(key)
     except ValueError:
@@ -73,6 +75,32 @@ class RunView:
     def dataset(self) -> ds.Dataset:
         """Every committed results shard as one dataset (half-written `.tmp` files are hidden by their dot)."""
         return ds.dataset(str(self.results_dir), format="parquet")
+
+    @cached_property
+    def _bases(self) -> dict[str, str]:
+        """Shard file -> the directory its relative paths start from (the writing run's working directory)."""
+        return {str(p): shard_base(p) for p in self.results_dir.glob("part-*.parquet")}
+
+    @cached_property
+    def _base_of_path(self) -> dict[str, str]:
+        """Results path -> its shard's base, for runs whose shards were written from different directories."""
+        found: dict[str, str] = {}
+        for fragment in self.dataset.get_fragments():
+            base = self._bases.get(fragment.path, "")
+            for path in fragment.to_table(columns=["path"]).column("path").to_pylist():
+                found[path] = base
+        return found
+
+    def item(self, path: str) -> InputItem:
+        """The input a results `path` names, readable again as the run read it: the escape of undecodable bytes
+        undone (engine.results.path_key), and a relative path joined to the directory the run wrote it from."""
+        key = path_key(path)
+        location = key.split("::", 1)[0] if "::" in key else key
+        if not is_uri(location) and not os.path.isabs(location):
+            bases = set(self._bases.values())
+            base = bases.pop() if len(bases) == 1 else self._base_of_path.get(path, "")
+            key = os.path.join(base, key) if base else key
+        return item_for(key)
 
     @property
     def fingerprint(self) -> dict[str, Any]:

@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from gradcam_engine.engine.overlay import OVERLAY_DIR
 from gradcam_engine.engine.run_config import RunConfig
+from gradcam_engine.engine.run_view import RunView
 
 DEFAULT_NAME = "report.html"
 DEFAULT_GALLERY = 12
@@ -44,7 +46,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, gallery: in
 
     data = gather(run_dir, gallery)
     options = data.info.get("options") or {}
-    thumbnails = Thumbnails(Path(run_dir) / "overlays", data.methods[0],
+    thumbnails = Thumbnails(Path(run_dir) / OVERLAY_DIR, data.methods[0], RunView(run_dir).item,
                             int(options.get("max_bytes", RunConfig.max_bytes)),
                             int(options.get("max_pixels", RunConfig.max_pixels)))
     cards = {id(card): card for cards in data.sections.values() for card in cards}

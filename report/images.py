@@ -4,24 +4,19 @@ jet-coloured maps (mean CAMs, where peaks fall)."""
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
-import re
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from gradcam_engine.engine.overlay import blend, jet, upsample
+from gradcam_engine.engine.inputs import InputItem
+from gradcam_engine.engine.overlay import blend, jet, overlay_name, upsample
 from gradcam_engine.engine.pipeline import load
 from gradcam_engine.engine.run_config import RunConfig
-from gradcam_engine.engine.run_view import item_for
 
 THUMBNAIL = 200  # longest side, pixels
-# A run's overlay files are named either by listing position and stem (`000000042_cat.jpg`) or by stem and the first
-# 12 hex digits of sha256(results path) (`cat_3f2a9c1b0d4e.jpg`); both are recognised.
-_BY_POSITION = re.compile(r"^\d{9}_(.*)\.jpg$")
-_BY_HASH = re.compile(r"^.*_([0-9a-f]{12})\.jpg$")
 
 
 def data_uri(image: Image.Image, fmt: str = "JPEG", quality: int = 82) -> str:
@@ -45,38 +40,24 @@ def heat_uri(values: np.ndarray, size: int = 96, normalise: bool = True) -> str:
 class Thumbnails:
     """Finds or renders each gallery image's overlay, one per CAM method."""
 
-    def __init__(self, overlays_dir: Path, first_method: str, max_bytes: int = RunConfig.max_bytes,
-                 max_pixels: int = RunConfig.max_pixels):
+    def __init__(self, overlays_dir: Path, first_method: str, item: Callable[[str], InputItem],
+                 max_bytes: int = RunConfig.max_bytes, max_pixels: int = RunConfig.max_pixels):
+        self.overlays_dir = overlays_dir
         self.first_method = first_method
+        self.item = item  # results path -> the input, readable as the run read it (engine.run_view.RunView.item)
         self.max_bytes, self.max_pixels = max_bytes, max_pixels
-        self.by_stem: dict[str, list[Path]] = {}
-        self.by_hash: dict[str, Path] = {}
-        if overlays_dir.is_dir():
-            for p in overlays_dir.iterdir():
-                if match := _BY_POSITION.match(p.name):
-                    self.by_stem.setdefault(match.group(1), []).append(p)
-                elif match := _BY_HASH.match(p.name):
-                    self.by_hash[match.group(1)] = p
         self.rendered = self.reused = self.unreadable = 0
 
     def _run_overlay(self, path: str, width: int, height: int) -> Image.Image | None:
-        """The run's overlay of this input, if it is certain: named by the hash of its path, or else the one file
-        named by its stem at the input's original size (the listing position is not in the results)."""
-        named = self.by_hash.get(hashlib.sha256(path.encode()).hexdigest()[:12])
-        candidates = [named] if named else self.by_stem.get(Path(path.split("::")[-1]).stem[:80], [])
-        found = []
-        for candidate in candidates:
-            try:
-                with Image.open(candidate) as im:
-                    if im.size == (width, height):
-                        found.append(candidate)
-            except OSError:
-                continue
-        if len(found) != 1:
+        """The run's overlay of this input (engine.overlay.overlay_name), when it wrote one at the input's size."""
+        try:
+            with Image.open(self.overlays_dir / overlay_name(path)) as im:
+                if im.size != (width, height):
+                    return None
+                im.draft("RGB", _fit(width, height))
+                return im.convert("RGB").resize(_fit(width, height), Image.Resampling.BILINEAR)
+        except OSError:
             return None
-        with Image.open(found[0]) as im:
-            im.draft("RGB", _fit(width, height))
-            return im.convert("RGB").resize(_fit(width, height), Image.Resampling.BILINEAR)
 
     def overlays(self, path: str, width: int, height: int, cams: dict[str, np.ndarray],
                  boxes: np.ndarray | None) -> dict[str, str]:
@@ -104,7 +85,7 @@ class Thumbnails:
         """The input decoded as the run decoded it (EXIF orientation included), straight to thumbnail size (a large
         JPEG is decoded at a reduced scale)."""
         thumb_width, thumb_height = _fit(width, height)
-        loaded = load(item_for(path), (thumb_height, thumb_width), self.max_bytes, self.max_pixels, False)
+        loaded = load(self.item(path), (thumb_height, thumb_width), self.max_bytes, self.max_pixels, False)
         return None if loaded.image is None else Image.fromarray(loaded.image.pixels)
 
 

@@ -136,9 +136,9 @@ def evaluation(data: ReportData) -> str:
     """What `gradcam evaluate` found, per method, with the options it used."""
     metrics = data.metrics
     if not metrics and data.evaluation_interrupted:
-        return ("<h2>Evaluation</h2><p class=\"warn\">An evaluation of this run did not finish (metrics.json says it is "
-                "running): run the same <code>gradcam evaluate</code> command again to complete it, then build the "
-                "report again.</p>")
+        return ("<h2>Evaluation</h2><p class=\"warn\">An evaluation of this run did not finish (metrics.json says it "
+                "is running): run the same <code>gradcam evaluate</code> command again to complete it, then build "
+                "the report again.</p>")
     if not metrics:
         return ("<h2>Evaluation</h2><p class=\"sub\">Not evaluated: run <code>gradcam evaluate RUN_DIR --labels ... "
                 "--boxes ... --faithfulness drop,deletion,insertion</code> and build the report again for accuracy, "

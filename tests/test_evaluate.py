@@ -419,3 +419,32 @@ def test_every_cam_column_is_evaluated_under_its_method_name(scenario: Scenario,
     for name in summary.info["per_class"]:
         assert set(summary.info["per_class"][name]) == {"gradcam", "mirror"}
     assert "mirror: pointing game" in summary.text()
+
+
+def test_faithfulness_and_thumbnails_read_back_relative_and_non_utf8_inputs_from_anywhere(
+        artifact: SmallArtifact, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """The results store a relative path as the run spelled it and an undecodable byte escaped; evaluate and report,
+    started from another directory, still read each input back as the run read it."""
+    from gradcam_engine.report import write_report
+
+    work = tmp_path / "work"
+    folder = work / "photos"
+    folder.mkdir(parents=True)
+    write_image(folder / "plain.png", scene(70, 50, 1))
+    odd = os.fsencode(folder) + b"/caf\xe9.png"  # not valid UTF-8
+    with open(odd, "wb") as fh:
+        fh.write((folder / "plain.png").read_bytes())
+    monkeypatch.chdir(work)
+    run_gradcam(RunConfig(artifact=str(artifact.root), inputs=["photos"], out=str(tmp_path / "run"), session=CPU,
+                          progress=False))  # no overlays: the report renders thumbnails from the inputs
+    paths = sorted(r["path"] for r in ds.dataset(str(tmp_path / "run" / "results")).to_table().to_pylist())
+    assert paths == ["photos/caf\\xe9.png", "photos/plain.png"]
+
+    monkeypatch.chdir(tmp_path)  # elsewhere: "photos/..." names nothing from here
+    summary = evaluate(EvaluateConfig(str(tmp_path / "run"), faithfulness=("drop",), session=CPU, progress=False))
+    assert summary.info["counts"]["faithfulness_errors"] == 0
+    scores = {r["path"]: r["score"] for r in metrics_rows(tmp_path / "run")}
+    assert scores["photos/caf\\xe9.png"] == pytest.approx(scores["photos/plain.png"], abs=1e-6)  # same pixels
+
+    report = write_report(tmp_path / "run")
+    assert (report.rendered, report.unreadable) == (2, 0)

@@ -166,20 +166,19 @@ def test_an_unfinished_evaluation_is_named_not_shown_as_figures(runs: Runs, tmp_
     assert "An evaluation of this run did not finish" in html and "Per method" not in html
 
 
-@pytest.mark.parametrize("name", ["000000007_cat.jpg", "cat_{hash}.jpg"])
-def test_a_runs_overlay_is_found_by_either_naming(tmp_path: Path, name: str) -> None:
-    """Overlays named by listing position and stem, or by stem and a hash of the results path: either is reused
-    (the input itself is gone, so a thumbnail can only come from the overlay)."""
-    import hashlib
-
+def test_a_runs_overlay_is_reused_for_the_thumbnail(tmp_path: Path) -> None:
+    """The run's overlay, named by engine.overlay.overlay_name, is reused at the input's size (the input itself is
+    gone, so a thumbnail can only come from the overlay); one of another size is not this input's."""
+    from gradcam_engine.engine.inputs import InputItem
+    from gradcam_engine.engine.overlay import overlay_name
     from gradcam_engine.report.images import Thumbnails
 
     path = str(tmp_path / "gone" / "cat.jpg")
     folder = tmp_path / "overlays"
     folder.mkdir()
-    Image.new("RGB", (64, 48), (200, 10, 10)).save(folder / name.format(
-        hash=hashlib.sha256(path.encode()).hexdigest()[:12]))
-    thumbnails = Thumbnails(folder, "gradcam")
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(folder / overlay_name(path))
+    Image.new("RGB", (64, 48), (10, 200, 10)).save(folder / "cat.jpg")  # a name of another scheme is not used
+    thumbnails = Thumbnails(folder, "gradcam", lambda p: InputItem(p, "file"))
     uris = thumbnails.overlays(path, 64, 48, {"gradcam": np.zeros((4, 4), np.float32)}, None)
     assert list(uris) == ["gradcam"] and thumbnails.reused == 1
     assert thumbnails.overlays(path, 65, 48, {"gradcam": np.zeros((4, 4), np.float32)}, None) == {}  # other size
