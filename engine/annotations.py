@@ -3,7 +3,7 @@
 An entry names an input in one of two ways: exactly as the results' `path` column spells it, or by a path that
 names the same file once resolved as the run resolves the lines of a path list: relative to the annotation file's
 own folder (or to `root` when given), compared after normalising (`a/./b`, `a//b`) and, for local paths, made
-absolute from the current directory. A tar member is `ARCHIVE.tar::MEMBER`, the archive part resolved the same way.
+absolute (a relative results path from the directory the run read it from). A tar member is `ARCHIVE.tar::MEMBER`, the archive part resolved the same way.
 Nothing is matched by file name alone: two inputs may share one.
 
 Labels: a class name or index. Boxes: x0, y0, x1, y1 in original pixels after EXIF orientation (x1, y1 exclusive).
@@ -19,7 +19,7 @@ import os
 import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -58,8 +58,9 @@ def _key_identity(key: str) -> str:
 class PathMatcher:
     """Finds the input of the run an annotation entry names (see the module docstring for the rules)."""
 
-    def __init__(self, keys: Iterable[str]):
+    def __init__(self, keys: Iterable[str], locate: Callable[[str], str] = lambda key: key):
         self.keys = set(keys)
+        self.locate = locate  # results path -> where the run read it (engine.run_view.RunView.item)
         self._identities: dict[str, str] | None = None  # built on the first entry that is not spelt as a key
 
     @property
@@ -67,7 +68,7 @@ class PathMatcher:
         if self._identities is None:
             self._identities = {}
             for key in sorted(self.keys):
-                self._identities.setdefault(_key_identity(key), key)
+                self._identities.setdefault(_key_identity(self.locate(key)), key)
         return self._identities
 
     def match(self, entry: str, base_dir: str) -> str | None:

@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -130,9 +130,11 @@ def _num(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def ground_truth(config: EvaluateConfig, keys: list[str], ok_keys: list[str], class_names: list[str]) -> GroundTruth:
-    """Labels and boxes matched to the run's inputs (read and checked before anything is written)."""
-    matcher = PathMatcher(keys) if (config.labels or config.boxes) else None
+def ground_truth(config: EvaluateConfig, keys: list[str], ok_keys: list[str], class_names: list[str],
+                 locate: Callable[[str], str] = lambda key: key) -> GroundTruth:
+    """Labels and boxes matched to the run's inputs (read and checked before anything is written); `locate` maps a
+    results path to where the run read it."""
+    matcher = PathMatcher(keys, locate) if (config.labels or config.boxes) else None
     labels = None
     if config.labels:
         labels = read_labels(config.labels, matcher, class_names, config.root)  # type: ignore[arg-type]
@@ -325,7 +327,7 @@ def evaluate(config: EvaluateConfig) -> EvaluationSummary:
     index = view.dataset.to_table(columns=["path", "status", "width", "height"])
     keys = index.column("path").to_pylist()
     ok_keys = [k for k, s in zip(keys, index.column("status").to_pylist()) if s == "ok"]
-    truth = ground_truth(config, keys, ok_keys, class_names)
+    truth = ground_truth(config, keys, ok_keys, class_names, lambda key: view.item(key).key)
     box_counts = _box_checks(truth.boxes, index) if truth.boxes else None
     store = MetricsStore(view.root)
     run_fingerprint = fingerprint(config, view, truth)

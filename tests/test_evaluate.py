@@ -440,9 +440,15 @@ def test_faithfulness_and_thumbnails_read_back_relative_and_non_utf8_inputs_from
     paths = sorted(r["path"] for r in ds.dataset(str(tmp_path / "run" / "results")).to_table().to_pylist())
     assert paths == ["photos/caf\\xe9.png", "photos/plain.png"]
 
+    labels = tmp_path / "labels.csv"  # absolute paths, matched to the run's relative ones
+    labels.write_text(f"path,label\n{folder / 'plain.png'},cat\n")
+
     monkeypatch.chdir(tmp_path)  # elsewhere: "photos/..." names nothing from here
-    summary = evaluate(EvaluateConfig(str(tmp_path / "run"), faithfulness=("drop",), session=CPU, progress=False))
+    summary = evaluate(EvaluateConfig(str(tmp_path / "run"), labels=str(labels), faithfulness=("drop",), session=CPU,
+                                      progress=False))
     assert summary.info["counts"]["faithfulness_errors"] == 0
+    assert {r["path"]: r["label"] for r in metrics_rows(tmp_path / "run")} == {"photos/plain.png": 0,
+                                                                               "photos/caf\\xe9.png": None}
     scores = {r["path"]: r["score"] for r in metrics_rows(tmp_path / "run")}
     assert scores["photos/caf\\xe9.png"] == pytest.approx(scores["photos/plain.png"], abs=1e-6)  # same pixels
 
