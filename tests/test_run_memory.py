@@ -19,7 +19,8 @@ from engine_support import SmallArtifact, encode, export_small_cnn, run_python, 
 SMALL, LARGE = 200, 2000
 SIZE = (256, 256)
 BATCH_SIZE = 8
-SHARD_SIZE = 200                 # rows held before a shard is written: the same for both runs
+SHARD_SIZE = 50                  # rows held before a shard is written: the same for both runs, and several
+                                 # shards even for the small run, so both reach the steady state of committing
 PAUSE_S = 0.01                   # per batch: the model then consumes slower than two decode threads produce
 MOST_IN_FLIGHT = 8 * BATCH_SIZE  # decoded, not yet through the model: the decode window and the staged batches
 
