@@ -10,14 +10,16 @@ from gradcam_engine.engine import contract as C
 
 def _export(args: argparse.Namespace) -> int:
     from gradcam_engine.engine.tf_import import import_tensorflow
+    from gradcam_engine.export.methods import check_methods
 
+    methods = check_methods([m.strip() for m in args.methods.split(",") if m.strip()])  # before TensorFlow loads
     import_tensorflow("gradcam export")
     from gradcam_engine.export import ExportOptions, export_artifact, read_class_names
 
     options = ExportOptions(
         layer=args.layer, preprocessing=args.preprocess, opset=args.opset, precision=args.precision,
         class_names=read_class_names(args.classes) if args.classes else None,
-        input_size=args.input_size, overwrite=args.overwrite)
+        input_size=args.input_size, overwrite=args.overwrite, methods=methods)
     manifest = export_artifact(args.model, args.out, options)
     print(summary(manifest, args.out))
     return 0
@@ -32,7 +34,8 @@ def summary(manifest: dict[str, Any], out: str) -> str:
     sizes = ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in groups.items())
     lines = [f"exported {manifest['model_name']} -> {out}: layer {manifest['target_layer']} "
              f"(cam {cam['height']}x{cam['width']}x{cam['channels']}), score {manifest['score']}, "
-             f"{manifest['num_classes']} classes, opset {manifest['opset']}; {sizes}"]
+             f"{manifest['num_classes']} classes, opset {manifest['opset']}; {sizes}",
+             f"  CAM methods: {', '.join(manifest.get('methods', ['gradcam']))} (cam = the first; cams = all, in order)"]
     for file, check in manifest["verification"].items():
         if isinstance(check, dict):
             lines.append(f"  {file} ({check['precision']}) vs TensorFlow fp32: cam max diff "
@@ -46,6 +49,7 @@ def summary(manifest: dict[str, Any], out: str) -> str:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `export` subcommand."""
     from gradcam_engine.export.api import EXPORT_PRECISIONS, ExportOptions
+    from gradcam_engine.export.methods import method_names
 
     ex = sub.add_parser("export", help="export a Keras model as one fused Grad-CAM graph (SavedModel + ONNX)")
     ex.add_argument("model", help="a Keras 3 .keras file")
@@ -58,5 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--opset", type=int, default=default(ExportOptions, "opset"))
     ex.add_argument("--precision", default=default(ExportOptions, "precision"), choices=EXPORT_PRECISIONS)
     ex.add_argument("--input-size", type=size, help="HxW, for models whose input size is not fixed")
+    ex.add_argument("--methods", default=",".join(default(ExportOptions, "methods")), metavar="M1,M2,...",
+                    help=f"CAM methods, comma-separated, in output order (cam = the first): any of "
+                         f"{', '.join(method_names())}")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
     ex.set_defaults(handler=_export)

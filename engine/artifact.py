@@ -52,6 +52,12 @@ class Artifact:
         return list(names) if names else [str(i) for i in range(int(self.manifest["num_classes"]))]
 
     @property
+    def methods(self) -> tuple[str, ...]:
+        """The CAM methods of `cams`, in order (`cam` is the first); an artifact exported before there were several
+        lists none and computes Grad-CAM."""
+        return tuple(self.manifest.get("methods") or (C.DEFAULT_METHOD,))
+
+    @property
     def checksum(self) -> str:
         """One digest for the whole artifact: the manifest's own sha256 (it lists every file's)."""
         return sha256_file(self.root / C.MANIFEST)

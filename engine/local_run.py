@@ -17,8 +17,8 @@ from gradcam_engine.engine.inputs import list_inputs
 from gradcam_engine.engine.overlay import write_overlays
 from gradcam_engine.engine.pipeline import BackgroundWriter, LoadedBatch, batches, load, ordered_map, prefetch
 from gradcam_engine.engine.progress import Progress
-from gradcam_engine.engine.results import batch_rows, concat, to_table, write_shard
-from gradcam_engine.engine.run_config import RunConfig, parse_overlays, resolve_target
+from gradcam_engine.engine.results import batch_rows, concat, results_schema, to_table, write_shard
+from gradcam_engine.engine.run_config import RunConfig, parse_overlays, resolve_overlay_method, resolve_target
 from gradcam_engine.engine.rundir import RunDirectory, RunSummary, fingerprint
 from gradcam_engine.engine.session import GradCAMSession, Prepared, Session
 
@@ -33,13 +33,16 @@ def run_gradcam(config: RunConfig, session: Session | None = None) -> RunSummary
     artifact = session.artifact
     labels = artifact.class_names
     class_index = resolve_target(config.target, labels)
+    methods = artifact.methods
+    overlay_index = resolve_overlay_method(config.overlay_method, methods)
+    schema = results_schema(methods)
     run_dir = RunDirectory(config.out)
     precision = session.precision
     run_fingerprint = fingerprint(config, artifact.checksum, class_index, precision)
     run_dir.prepare(run_fingerprint, config.overwrite)
     pending = run_dir.pending(listing)
     order = {item.key: i for i, item in enumerate(listing.items)}
-    run_dir.start(config, run_fingerprint, session.device, precision)
+    run_dir.start(config, run_fingerprint, session.device, precision, methods=list(methods))
 
     overlay_keys = {item.key for item in listing.items[:overlay_limit]} if overlay_limit else set()
     size = artifact.input_size
@@ -57,14 +60,14 @@ def run_gradcam(config: RunConfig, session: Session | None = None) -> RunSummary
         if shard:
             columns = concat(shard)
             idx = [order[p] for p in columns["path"]]
-            write_shard(run_dir.results, to_table(columns), min(idx), max(idx))
+            write_shard(run_dir.results, to_table(columns, schema), min(idx), max(idx))
         shard, shard_rows = [], 0
 
     def write(job: tuple[LoadedBatch, dict[str, np.ndarray] | None]) -> None:
         nonlocal shard_rows
         batch, outputs = job
-        columns = batch_rows(batch, outputs, labels)
-        write_overlays(run_dir.overlays, batch, outputs, order)
+        columns = batch_rows(batch, outputs, labels, methods)
+        write_overlays(run_dir.overlays, batch, outputs, order, overlay_index)
         shard.append(columns)
         shard_rows += len(columns["path"])
         if shard_rows >= config.shard_size:

@@ -81,16 +81,17 @@ def overlays(images: list[np.ndarray], cams: np.ndarray) -> list[np.ndarray]:
 
 
 def write_overlays(folder: Path, batch: LoadedBatch, outputs: dict[str, np.ndarray] | None,
-                   order: dict[str, int]) -> None:
+                   order: dict[str, int], method_index: int = 0) -> None:
     """One JPEG per input of the batch that kept its full-size image, named by its place in the listing so the
-    files sort like the inputs; each appears atomically."""
+    files sort like the inputs; each appears atomically. method_index picks the map shown: 0 is `cam`, the first
+    method; another is that method's slice of `cams`."""
     from PIL import Image
 
     chosen = [(i, x) for i, x in enumerate(batch.good) if x.image.original is not None]
     if not chosen or outputs is None:
         return
     folder.mkdir(parents=True, exist_ok=True)
-    cams = outputs[C.CAM][[i for i, _ in chosen]]
+    cams = (outputs[C.CAM] if method_index == 0 else outputs[C.CAMS][:, method_index])[[i for i, _ in chosen]]
     for (_, x), overlay in zip(chosen, overlays([x.image.original for _, x in chosen], cams)):
         stem = Path(x.key.split("::")[-1]).stem[:80]
         target = folder / f"{order[x.key]:09d}_{stem}.jpg"

@@ -59,7 +59,7 @@ def fingerprint(config: RunConfig, artifact_sum: str, class_index: int, precisio
     """The options that decide what a row contains; a resumed run must match them."""
     return {"artifact_sha256": artifact_sum, "inputs": [str(s) for s in config.inputs],
             "backend": config.session.backend, "precision": precision, "class_index": class_index,
-            "overlays": config.overlays}
+            "overlays": config.overlays, "overlay_method": config.overlay_method}
 
 
 def library_versions() -> dict[str, str]:

@@ -289,7 +289,7 @@ class GradCAMSession:
 
     def run_prepared(self, prepared: Prepared) -> Arrays:
         """Run a staged batch; padding rows are cut off."""
-        out = self.backend.run_prepared(prepared.feed, C.ENGINE_OUTPUTS)
+        out = self.backend.run_prepared(prepared.feed, C.engine_outputs(self.artifact.methods))
         return {k: v[:prepared.n] for k, v in out.items()}
 
     def __call__(self, batch: Arrays) -> Arrays:

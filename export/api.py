@@ -15,6 +15,7 @@ from gradcam_engine.engine import contract as C
 from gradcam_engine.engine.artifact import file_table
 from gradcam_engine.engine.errors import first_line
 from gradcam_engine.export.errors import ExportError
+from gradcam_engine.export.methods import check_methods, summary
 
 ModelLike = Any  # a path to a .keras file, a keras.Model, or a (backbone, head) pair of callables
 EXPORT_PRECISIONS = ("fp32", "fp16", "both")
@@ -33,6 +34,7 @@ class ExportOptions:
     precision: str = "fp32"                    # one of EXPORT_PRECISIONS
     overwrite: bool = False
     verify_batch_sizes: tuple[int, ...] = field(default=(1, 3))
+    methods: tuple[str, ...] = (C.DEFAULT_METHOD,)  # CAM methods (export.methods), in output order; `cam` = the first
 
 
 @dataclass
@@ -145,6 +147,7 @@ def _check_options(options: ExportOptions) -> None:
         raise ExportError(f"unknown preprocessing {options.preprocessing!r}; choose {', '.join(C.PREPROCESSING)}")
     if options.precision not in EXPORT_PRECISIONS:
         raise ExportError(f"unknown precision {options.precision!r}; choose {', '.join(EXPORT_PRECISIONS)}")
+    check_methods(options.methods)
 
 
 def export_artifact(model: ModelLike, out: str | Path, options: ExportOptions = ExportOptions()) -> dict[str, Any]:
@@ -160,7 +163,7 @@ def export_artifact(model: ModelLike, out: str | Path, options: ExportOptions = 
     _check_writable(out, options.overwrite)
     parts = model_parts(model, options)
     module = FusedGradCAM(parts.backbone, parts.head, parts.input_size, options.preprocessing,
-                          feature_key=parts.feature_key, tracked=parts.tracked)
+                          feature_key=parts.feature_key, tracked=parts.tracked, methods=options.methods)
     try:
         concrete = module.gradcam.get_concrete_function()
     except ExportError:
@@ -230,7 +233,7 @@ def _write_onnx(path: Path, proto: Any, fn: Any, size: tuple[int, int], options:
         raise ExportError(f"{precision} ONNX model failed onnx.checker: {first_line(e)}") \
             from None
     data = proto.SerializeToString()
-    checks = verify(fn, data, size, options.verify_batch_sizes, precision=precision)
+    checks = verify(fn, data, size, options.verify_batch_sizes, precision=precision, methods=options.methods)
     path.write_bytes(data)
     return checks
 
@@ -250,7 +253,7 @@ def _write_fp16_saved_model(path: Path, parts: ModelParts, options: ExportOption
     twin = mixed_precision_twin(parts.keras_model)
     split = split_model(twin, options.layer)
     module = FusedGradCAM(split.backbone, KerasHead(split.head), parts.input_size, options.preprocessing,
-                          tracked=[twin], jit_compile=True)
+                          tracked=[twin], jit_compile=True, methods=options.methods)
     tf.saved_model.save(module, str(path), signatures={C.SIGNATURE: module.gradcam.get_concrete_function()})
     return None
 
@@ -281,8 +284,9 @@ def _manifest(parts: ModelParts, options: ExportOptions, facts: GraphFacts, prec
         "head": [f"{layer.name} ({type(layer).__name__})" for layer in getattr(parts.head, "layers", [])],
         "score": parts.head.score,
         "cam": {"height": int(fm_shape[1]), "width": int(fm_shape[2]), "channels": int(fm_shape[3]),
-                "method": "gradcam: mean-pooled gradients as channel weights, weighted channel mean, ReLU, "
-                          "divided by the per-image max (0 where the max is 0)"},
+                "method": f"{options.methods[0]}: {summary(options.methods[0])}; ReLU, divided by the per-image max "
+                          "(0 where the max is 0)"},
+        "methods": list(options.methods),  # the maps in `cams` [N, M, h, w], in this order; `cam` is the first
         "outputs": [{"name": k, "dtype": facts.specs[k][0], "shape": dims(facts.specs[k][1])}
                     for k in C.OUTPUT_NAMES],
         "opset": options.opset,

@@ -1,23 +1,14 @@
 """The fused Grad-CAM graph: one tf.function from uint8 images to predictions, gradients and CAMs."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import tensorflow as tf
 
 from gradcam_engine.engine import contract as C
 from gradcam_engine.export.head import CallableHead, KerasHead
+from gradcam_engine.export.methods import cam_maps
 from gradcam_engine.export.preprocess import preprocess
-
-
-def gradcam_map(feature_maps: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
-    """The seed's Grad-CAM, batched: channel weights from pooled gradients, weighted channel mean, ReLU, max-norm."""
-    weights = tf.reduce_mean(gradients, axis=[1, 2])                               # (N, C)
-    cam = tf.reduce_mean(feature_maps * weights[:, tf.newaxis, tf.newaxis, :], -1)  # (N, h, w)
-    cam = tf.nn.relu(cam)
-    peak = tf.reduce_max(cam, axis=[1, 2], keepdims=True)                          # (N, 1, 1)
-    safe = tf.where(peak > 0, peak, tf.ones_like(peak))
-    return tf.where(peak > 0, cam / safe, tf.zeros_like(cam))                      # 0 where the map is all <= 0
 
 
 class FusedGradCAM(tf.Module):
@@ -25,7 +16,8 @@ class FusedGradCAM(tf.Module):
 
     def __init__(self, backbone: Callable[[tf.Tensor], Any], head: KerasHead | CallableHead,
                  input_size: tuple[int, int], preprocessing: str, feature_key: str | None = None,
-                 tracked: list[Any] | None = None, jit_compile: bool = False):
+                 tracked: list[Any] | None = None, jit_compile: bool = False,
+                 methods: Sequence[str] = (C.DEFAULT_METHOD,)):
         super().__init__(name="gradcam")
         self.backbone = backbone
         self.head = head
@@ -33,6 +25,7 @@ class FusedGradCAM(tf.Module):
         self.tracked = [t for t in [*(tracked or []), *getattr(head, "layers", [])] if isinstance(t, trackable)]
         self._feature_key = feature_key
         self._preprocessing = preprocessing
+        self._methods = tuple(methods)
         h, w = input_size
         self.gradcam = tf.function(self._gradcam, jit_compile=jit_compile or None, input_signature=[
             tf.TensorSpec([None, h, w, 3], tf.uint8, name=C.IMAGES),
@@ -55,8 +48,9 @@ class FusedGradCAM(tf.Module):
             onehot = tf.one_hot(target, num_classes, dtype=out.logits.dtype)  # d score / d logits
             score = tf.reduce_sum(out.logits * onehot, axis=-1)  # (N,)
             grads = out.pullback(onehot)                      # (N, h, w, C)
-        with tf.name_scope("cam"):
-            cam = gradcam_map(tf.cast(fm, tf.float32), tf.cast(grads, tf.float32))
+        with tf.name_scope("cam"):  # every method's map, from the same feature maps and gradients
+            maps = cam_maps(tf.cast(fm, tf.float32), tf.cast(grads, tf.float32), self._methods)  # M x (N, h, w)
+            cams = tf.stack(maps, axis=1)                     # (N, M, h, w)
 
         def f32(t: tf.Tensor, name: str) -> tf.Tensor:
             return tf.identity(tf.cast(t, tf.float32) if t.dtype.is_floating else t, name=name)
@@ -66,5 +60,6 @@ class FusedGradCAM(tf.Module):
             C.TARGET_SCORE: f32(score, C.TARGET_SCORE),
             C.FEATURE_MAPS: f32(fm, C.FEATURE_MAPS),
             C.GRADIENTS: f32(grads, C.GRADIENTS),
-            C.CAM: f32(cam, C.CAM),
+            C.CAM: f32(maps[0], C.CAM),
+            C.CAMS: f32(cams, C.CAMS),
         }

@@ -1,0 +1,188 @@
+"""CAM methods: each one small function from the target layer's feature maps and gradients to a raw map.
+
+Every method reads only what the fused graph already has in hand, A = feature maps and G = d score / d A, both
+float32 [N, h, w, C]; so any set of them comes out of the same pass, batched, in one graph. A method is registered with
+`@cam_method("name")` and returns its raw map [N, h, w]; `cam_maps` then applies the one normalisation all share:
+ReLU, then divide by the per-image max (0 where the max is 0). The formulas follow pytorch-grad-cam 1.5.7; sums run
+over the h x w grid. Adding a method is one function here, plus its numpy formula beside the reference
+(bench/contenders/reference.py), which the tests hold the graph to.
+
+TensorFlow is imported on first use, not at import: the command line lists the registered names without loading it.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Sequence
+
+from gradcam_engine.export.errors import ExportError
+
+
+class _Lazy:
+    """A module imported on first attribute access."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self._name), attr)
+
+
+tf: Any = _Lazy("tensorflow")
+
+Formula = Callable[[Any, Any], Any]  # (feature maps A [N, h, w, C], gradients G [N, h, w, C]) -> raw map [N, h, w]
+_METHODS: dict[str, Formula] = {}
+
+
+def cam_method(name: str) -> Callable[[Formula], Formula]:
+    """Register a CAM method under the name `--methods` takes (and the results column cam_<name> carries)."""
+    def register(fn: Formula) -> Formula:
+        if not name.isidentifier() or name != name.lower() or name in ("height", "width") or name in _METHODS:
+            raise ValueError(f"bad or duplicate CAM method name {name!r}")
+        _METHODS[name] = fn
+        return fn
+    return register
+
+
+def method_names() -> tuple[str, ...]:
+    """Every registered method, in registration order."""
+    return tuple(_METHODS)
+
+
+def summary(name: str) -> str:
+    """A method's one-line description: the first line of its docstring."""
+    return (_METHODS[name].__doc__ or name).strip().splitlines()[0]
+
+
+def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
+    """The methods as a tuple, or one line naming what is wrong: none, unknown or repeated names."""
+    methods = tuple(methods)
+    known = ", ".join(method_names())
+    if not methods:
+        raise ExportError(f"no CAM method given; choose one or more of {known}")
+    unknown = [m for m in methods if m not in _METHODS]
+    if unknown:
+        raise ExportError(f"unknown CAM method{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                          f"known methods: {known}")
+    repeated = sorted({m for m in methods if methods.count(m) > 1})
+    if repeated:
+        raise ExportError(f"CAM method {', '.join(map(repr, repeated))} given more than once")
+    return methods
+
+
+def normalise(raw: Any) -> Any:
+    """ReLU, then divide by the per-image max; 0 where the map is all <= 0 (nothing contributes)."""
+    cam = tf.nn.relu(raw)
+    peak = tf.reduce_max(cam, axis=[1, 2], keepdims=True)                          # (N, 1, 1)
+    safe = tf.where(peak > 0, peak, tf.ones_like(peak))
+    return tf.where(peak > 0, cam / safe, tf.zeros_like(cam))
+
+
+def cam_maps(feature_maps: Any, gradients: Any, methods: Sequence[str]) -> list[Any]:
+    """Each method's normalised map [N, h, w], in the order given."""
+    maps = []
+    for name in check_methods(methods):
+        with tf.name_scope(name):
+            maps.append(normalise(_METHODS[name](feature_maps, gradients)))
+    return maps
+
+
+def _weighted_sum(A: Any, weights: Any) -> Any:
+    """sum_c w_c A_c for channel weights [N, C]."""
+    return tf.reduce_sum(A * weights[:, tf.newaxis, tf.newaxis, :], axis=-1)        # (N, h, w)
+
+
+# --- the methods, in the order the command line lists them ------------------------------------------------------
+@cam_method("gradcam")
+def gradcam(A: Any, G: Any) -> Any:
+    """Grad-CAM: w_c = mean_hw G; map = sum_c w_c A_c. Selvaraju et al., ICCV 2017.
+
+    Written as the seed computes it (weighted channel MEAN, which the normalisation makes equal to the sum), so the
+    default graph and its CAMs are exactly those of every earlier release.
+    """
+    weights = tf.reduce_mean(G, axis=[1, 2])                                       # (N, C)
+    return tf.reduce_mean(A * weights[:, tf.newaxis, tf.newaxis, :], -1)           # (N, h, w)
+
+
+@cam_method("gradcampp")
+def gradcampp(A: Any, G: Any) -> Any:
+    """Grad-CAM++: a = G^2 / (2G^2 + sum_hw A * G^3 + 1e-6); w_c = sum_hw relu(G) a. Chattopadhay et al., WACV 2018.
+
+    a is taken as 0 where G = 0 (pytorch-grad-cam's rule); relu(G) is 0 there anyway, and writing relu(G) * a as
+    where(G > 0, G * a, 0) keeps a zero denominator at a negative gradient from turning 0 * inf into NaN.
+    """
+    g2 = G * G
+    alpha = g2 / (2.0 * g2 + tf.reduce_sum(A, axis=[1, 2], keepdims=True) * g2 * G + 1e-6)  # (N, h, w, C)
+    weights = tf.reduce_sum(tf.where(G > 0, G * alpha, tf.zeros_like(G)), axis=[1, 2])       # (N, C)
+    return _weighted_sum(A, weights)
+
+
+@cam_method("xgradcam")
+def xgradcam(A: Any, G: Any) -> Any:
+    """XGrad-CAM: w_c = sum_hw G A / (sum_hw A + 1e-7); map = sum_c w_c A_c. Fu et al., BMVC 2020."""
+    weights = tf.reduce_sum(G * A, axis=[1, 2]) / (tf.reduce_sum(A, axis=[1, 2]) + 1e-7)  # (N, C)
+    return _weighted_sum(A, weights)
+
+
+@cam_method("hirescam")
+def hirescam(A: Any, G: Any) -> Any:
+    """HiResCAM: map = sum_c G A, element-wise, no pooling. Draelos & Carin, arXiv:2011.08891, 2020."""
+    return tf.reduce_sum(G * A, axis=-1)
+
+
+@cam_method("layercam")
+def layercam(A: Any, G: Any) -> Any:
+    """LayerCAM: map = sum_c relu(G) A, element-wise. Jiang et al., IEEE TIP 2021."""
+    return tf.reduce_sum(tf.nn.relu(G) * A, axis=-1)
+
+
+EIGENCAM = "eigencam"
+EIGEN_SQUARINGS = 10        # K <- K^2 ten times: the leading direction wins by (l2/l1)^1024
+EIGEN_SQUARING_CELLS = 256  # up to a 16x16 grid; squaring costs ~2(hw)^3 flops, beyond that power steps are cheaper
+EIGEN_POWER_STEPS = 64      # on larger grids: v <- K v, each step ~2(hw)^2 flops
+
+
+@cam_method(EIGENCAM)
+def eigencam(A: Any, G: Any) -> Any:
+    """Eigen-CAM: the channel-centred activations (hw x C) projected on their first principal direction, signed to
+    correlate positively with sum_c A. Muhammad & Yeasin, IJCNN 2020. Uses no gradient.
+
+    ONNX has no SVD. The projection X v1 equals s1 u1, with u1 the leading eigenvector of the small (hw x hw) Gram
+    matrix K = X X^T (49 x 49 for ResNet50), found by repeated squaring (K^1024: converged unless the top two
+    eigenvalues are within ~1%, where the direction itself is ill-defined) and kept to unit length, as the
+    normalisation removes s1. A constant feature map (K = 0) gives an all-zero map.
+    """
+    h, w, c = (A.shape[i] if A.shape[i] is not None else tf.shape(A)[i] for i in (1, 2, 3))
+    x = tf.reshape(A, [-1, h * w, c])                                              # (N, hw, C)
+    x = x - tf.reduce_mean(x, axis=1, keepdims=True)                               # each channel centred over the grid
+    gram = tf.matmul(x, x, transpose_b=True)                                       # (N, hw, hw)
+    u = _leading_eigenvector(gram, h * w)                                          # (N, hw)
+    total = tf.reshape(tf.reduce_sum(A, axis=-1), [-1, h * w])                     # sum_c A, (N, hw)
+    total = total - tf.reduce_mean(total, axis=1, keepdims=True)
+    agree = tf.reduce_sum(u * total, axis=1, keepdims=True)                        # sign of the correlation
+    return tf.reshape(tf.where(agree < 0, -u, u), [-1, h, w])
+
+
+def _leading_eigenvector(gram: Any, cells: Any) -> Any:
+    """Unit leading eigenvector [N, n] of symmetric PSD matrices [N, n, n]; all zero for a zero matrix."""
+    squarings = EIGEN_SQUARINGS if isinstance(cells, int) and cells <= EIGEN_SQUARING_CELLS else 0
+    m = gram
+    for _ in range(squarings):                      # scaled to max |entry| 1 first: no overflow, K^(2^k) up to scale
+        m = _scaled(m)
+        m = tf.matmul(m, m)
+    # Start from the column with the largest norm: m ~ u1 u1^T, so that column is u1 scaled by its largest |entry|
+    # (the all-ones vector would not do: u1 is orthogonal to it, the columns of X being centred).
+    pick = tf.one_hot(tf.argmax(tf.reduce_sum(m * m, axis=1), axis=-1), cells, dtype=m.dtype)  # (N, n)
+    v = _unit(tf.reduce_sum(m * pick[:, tf.newaxis, :], axis=-1))
+    for _ in range(0 if squarings else EIGEN_POWER_STEPS):
+        v = _unit(tf.reduce_sum(gram * v[:, tf.newaxis, :], axis=-1))              # v <- K v / |K v|
+    return v
+
+
+def _scaled(m: Any) -> Any:
+    scale = tf.reduce_max(tf.abs(m), axis=[1, 2], keepdims=True)
+    return m / tf.where(scale > 0, scale, tf.ones_like(scale))
+
+
+def _unit(v: Any) -> Any:
+    norm = tf.sqrt(tf.reduce_sum(v * v, axis=-1, keepdims=True))
+    return v / tf.where(norm > 0, norm, tf.ones_like(norm))
