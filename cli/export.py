@@ -35,11 +35,12 @@ def summary(manifest: dict[str, Any], out: str) -> str:
     lines = [f"exported {manifest['model_name']} -> {out}: layer {manifest['target_layer']} "
              f"(cam {cam['height']}x{cam['width']}x{cam['channels']}), score {manifest['score']}, "
              f"{manifest['num_classes']} classes, opset {manifest['opset']}; {sizes}",
-             f"  CAM methods: {', '.join(manifest.get('methods', ['gradcam']))} (cam = the first; cams = all, in order)"]
+             f"  CAM methods: {', '.join(manifest['methods'])} (output cam: the first; cams: all, in this order)"]
     for file, check in manifest["verification"].items():
         if isinstance(check, dict):
             lines.append(f"  {file} ({check['precision']}) vs TensorFlow fp32: cam max diff "
                          f"{check['cam_max_abs_diff']:.1e}, cam correlation >= {check['cam_min_correlation']:.4f}, "
+                         f"every method's map max diff {check.get('cams_max_abs_diff', 0.0):.1e}, "
                          f"top-1 agreement {check['top1_agreement']:.0%}")
         else:
             lines.append(f"  {file}: {check}")

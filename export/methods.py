@@ -143,9 +143,9 @@ EIGEN_POWER_STEPS = 64      # on larger grids: v <- K v, each step ~2(hw)^2 flop
 
 @cam_method(EIGENCAM)
 def eigencam(A: Any, G: Any) -> Any:
-    """Eigen-CAM: the channel-centred activations (hw x C) projected on their first principal direction, signed to
-    correlate positively with sum_c A. Muhammad & Yeasin, IJCNN 2020. Uses no gradient.
+    """Eigen-CAM: centred A (hw x C) projected on its first principal direction. Muhammad & Yeasin, IJCNN 2020.
 
+    Uses no gradient; the sign, arbitrary in a principal direction, is chosen to correlate positively with sum_c A.
     ONNX has no SVD. The projection X v1 equals s1 u1, with u1 the leading eigenvector of the small (hw x hw) Gram
     matrix K = X X^T (49 x 49 for ResNet50), found by repeated squaring (K^1024: converged unless the top two
     eigenvalues are within ~1%, where the direction itself is ill-defined) and kept to unit length, as the
