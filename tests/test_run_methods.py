@@ -24,8 +24,8 @@ from gradcam_engine.engine.run_config import RunConfig
 from gradcam_engine.engine.session import GradCAMSession, SessionOptions
 
 METHODS = ("layercam", "gradcam", "gradcampp", "xgradcam", "hirescam", "eigencam")  # the first is not Grad-CAM
-SIZES = [(48, 48), (120, 90), (33, 70), (64, 64), (200, 150), (41, 41), (90, 160)]  # (width, height)
-BAD = ["bad_0.jpg", "bad_1.png"]  # listed first: with 2-row shards, the first shard holds errors only
+SIZES = [(48, 48), (120, 90), (33, 70), (64, 64), (200, 150), (41, 41), (90, 160), (150, 40)]  # (width, height)
+BAD = ["bad_0.jpg", "bad_1.png"]  # listed last: with 2-image batches and 2-row shards, the last shard is errors only
 
 
 def _model() -> Any:
@@ -70,7 +70,7 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A path list: two unreadable files, then PNG scenes of several sizes (PNG: overlays can be recomputed exactly)."""
+    """A path list: PNG scenes of several sizes (overlays can be recomputed exactly), then two unreadable files."""
     from PIL import Image
 
     folder = tmp_path_factory.mktemp("methods_inputs")
@@ -79,8 +79,8 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for i, (w, h) in enumerate(SIZES):
         Image.fromarray(scene_images(1, (h, w), seed=40 + i)[0]).save(folder / f"scene_{i}.png")
     listing = folder / "list.txt"
-    listing.write_text("\n".join([str(folder / n) for n in BAD]
-                                 + [str(folder / f"scene_{i}.png") for i in range(len(SIZES))]) + "\n")
+    listing.write_text("\n".join([str(folder / f"scene_{i}.png") for i in range(len(SIZES))]
+                                 + [str(folder / n) for n in BAD]) + "\n")
     return listing
 
 
@@ -108,7 +108,9 @@ def test_results_have_cam_and_one_column_per_method_in_the_artifacts_order(six_r
     schema = ds.dataset(str(six_run / "results"), format="parquet").schema
     assert schema.names == SCHEMA.names + [f"cam_{m}" for m in METHODS]
     assert schema.equals(results_schema(METHODS))
-    for shard in sorted((six_run / "results").glob("part-*.parquet")):  # the errors-only shard too
+    shards = sorted((six_run / "results").glob("part-*.parquet"))
+    assert set(pq.read_table(shards[-1], columns=["status"]).column("status").to_pylist()) == {"error"}
+    for shard in shards:  # the errors-only shard too
         assert pq.read_schema(shard).equals(results_schema(METHODS)), shard.name
 
 
