@@ -137,7 +137,7 @@ def test_ratios_are_computed_from_the_medians(bench_run: dict[str, Any]) -> None
 
 def test_targets_state_value_goal_and_verdict(bench_run: dict[str, Any]) -> None:
     targets = bench_run["json"]["targets"]
-    assert len(targets) == 4
+    assert len(targets) == 5
     for t in targets:
         assert t["measured"] is not None and t["met"] in (True, False) and t["goal"]
     sweep = bench_run["json"]["dataset_sweep"]
@@ -151,7 +151,7 @@ def test_markdown_has_a_row_per_timed_configuration_and_the_targets(bench_run: d
     for r in bench_run["json"]["results"]:
         assert any(line.startswith(f"| {r['contender']} |") and f"| {r['batch_size']} |" in line for line in rows)
     verdicts = [line for line in text.splitlines() if line.startswith(("- MET:", "- MISSED:"))]
-    assert len(verdicts) == 4
+    assert len(verdicts) == 5
     assert "vs reference" in text and "vs forward-only" in text
 
 
