@@ -25,7 +25,7 @@ EXPLICIT = (1, 3)                  # slots that ask for a class other than the m
 TOLERANCE = {"eigencam": 1e-3}     # power iteration vs SVD; every other method 1e-4
 DEFAULT_TOLERANCE = 1e-4
 # Any order may be asked for: one case lists the methods as the registry does, the other shuffled.
-SHUFFLED = ("layercam", "eigencam", "gradcam", "xgradcam", "hirescam", "gradcampp")
+SHUFFLED = tuple(reversed(method_names()))
 
 
 @dataclass
