@@ -24,7 +24,7 @@ BATCH = 5
 EXPLICIT = (1, 3)                  # slots that ask for a class other than the model's top-1
 TOLERANCE = {"eigencam": 1e-3}     # power iteration vs SVD; every other method 1e-4
 DEFAULT_TOLERANCE = 1e-4
-# Any order may be asked for: one case lists the methods as the registry does, the other shuffled.
+# Any order may be asked for: one case lists the methods as the registry does, the other in reverse.
 SHUFFLED = tuple(reversed(method_names()))
 
 
