@@ -277,14 +277,15 @@ def _model_units(built: Built, images: np.ndarray, config: BenchConfig) -> list[
 def _rows(timings: list[Timing], built: Built, memory: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """One result row per timed unit, with the ratios: vs reference and vs forward-only (same runtime, batch); for
     the all-methods contenders also vs Grad-CAM alone: the median over rounds of the per-round ratio, since each
-    round runs both once, back to back."""
+    round runs both once, back to back, in wall time and in CPU time (steadier on a shared machine; with --threads 1
+    no idle runtime thread spins into it)."""
     load = {c.name: c.load_mb for c in built.contenders}
     rows = []
     for t in timings:
         u = t.unit
         rows.append({"contender": u.contender, "kind": u.kind, "runtime": u.runtime, "precision": u.precision,
                      "batch_size": u.batch_size, "images": u.images, "group": u.group, **summarize(t),
-                     "rep_seconds": t.rep_seconds,
+                     "rep_seconds": t.rep_seconds, "rep_cpu_seconds": t.rep_cpu_seconds,
                      # fresh process, this contender alone, at its largest batch: the figure to read
                      "own_process_memory": memory.get(u.contender)
                      if memory.get(u.contender, {}).get("batch_size") == u.batch_size else None,
@@ -303,9 +304,10 @@ def _rows(timings: list[Timing], built: Built, memory: dict[str, dict[str, Any]]
         r["forward_pair"] = pair["contender"] if pair else None
         r["vs_forward"] = ips / pair["images_per_second"] if pair and ips and pair["images_per_second"] else None
         if r["kind"] == K.METHODS and key in gradcam:
-            alone = gradcam[key]["rep_seconds"]
             r["gradcam_pair"] = gradcam[key]["contender"]
-            r["vs_gradcam"] = float(np.median([a / m for a, m in zip(alone, r["rep_seconds"])]))
+            for field_name, times in (("vs_gradcam", "rep_seconds"), ("vs_gradcam_cpu", "rep_cpu_seconds")):
+                pairs = zip(gradcam[key][times], r[times])
+                r[field_name] = float(np.median([a / m for a, m in pairs if m > 0]))
     return rows
 
 

@@ -59,6 +59,8 @@ def test_all_methods_are_timed_against_gradcam_alone_round_by_round(report: dict
         assert many["gradcam_pair"] == alone["contender"] and len(many["rep_seconds"]) == 5
         per_round = [a / m for a, m in zip(alone["rep_seconds"], many["rep_seconds"])]
         assert many["vs_gradcam"] == pytest.approx(float(np.median(per_round)))
+        cpu = [a / m for a, m in zip(alone["rep_cpu_seconds"], many["rep_cpu_seconds"])]
+        assert len(cpu) == 5 and many["vs_gradcam_cpu"] == pytest.approx(float(np.median(cpu)))
         assert many["forward_pair"] == f"forward {runtime}" and many["vs_forward"] > 0
 
 

@@ -92,8 +92,8 @@ def _methods_target(report: dict[str, Any]) -> dict[str, Any]:
     methods = ", ".join(report["model"].get("methods", []))
     all_pairs = "; ".join(f"{_label(r)} {r['vs_gradcam']:.3f}" for r in paired)
     return _target(name, chosen["vs_gradcam"], f">= {METHODS_TARGET:g}", chosen["vs_gradcam"] >= METHODS_TARGET,
-                   f"{_label(chosen)} vs {chosen['gradcam_pair']} (median of per-round ratios; methods: {methods}); "
-                   f"all pairs: {all_pairs}")
+                   f"{_label(chosen)} vs {chosen['gradcam_pair']} (median of per-round ratios; in CPU time "
+                   f"{chosen['vs_gradcam_cpu']:.3f}; methods: {methods}); all pairs: {all_pairs}")
 
 
 def _f(x: float | None, digits: int = 2) -> str:
