@@ -86,9 +86,16 @@ def cam_maps(feature_maps: Any, gradients: Any, methods: Sequence[str]) -> list[
     return maps
 
 
+def _grid(A: Any) -> tuple[Any, Any, Any]:
+    """(h, w, C) of feature maps [N, h, w, C]: static ints where known, so reshapes stay exact in ONNX."""
+    return tuple(A.shape[i] if A.shape[i] is not None else tf.shape(A)[i] for i in (1, 2, 3))  # type: ignore
+
+
 def _weighted_sum(A: Any, weights: Any) -> Any:
-    """sum_c w_c A_c for channel weights [N, C]."""
-    return tf.reduce_sum(A * weights[:, tf.newaxis, tf.newaxis, :], axis=-1)        # (N, h, w)
+    """sum_c w_c A_c for channel weights [N, C], as one matrix-vector product per image: one read of A, where an
+    element-wise product and a sum would write and read a tensor as large as A (this is what the methods cost)."""
+    h, w, c = _grid(A)
+    return tf.reshape(tf.matmul(tf.reshape(A, [-1, h * w, c]), weights[:, :, tf.newaxis]), [-1, h, w])
 
 
 # --- the methods, in the order the command line lists them ------------------------------------------------------
@@ -107,12 +114,14 @@ def gradcam(A: Any, G: Any) -> Any:
 def gradcampp(A: Any, G: Any) -> Any:
     """Grad-CAM++: a = G^2 / (2G^2 + sum_hw A * G^3 + 1e-6); w_c = sum_hw relu(G) a. Chattopadhay et al., WACV 2018.
 
-    a is taken as 0 where G = 0 (pytorch-grad-cam's rule); relu(G) is 0 there anyway, and writing relu(G) * a as
-    where(G > 0, G * a, 0) keeps a zero denominator at a negative gradient from turning 0 * inf into NaN.
+    relu(G) a is 0 wherever G <= 0, so it is computed with P = relu(G) in place of G: the same value where G > 0,
+    exactly 0 elsewhere (a = 0 where G = 0 is pytorch-grad-cam's rule), and no 0 * inf where a's denominator
+    vanishes at a negative gradient; fewer passes over [N, h, w, C] tensors than a mask would take.
     """
-    g2 = G * G
-    alpha = g2 / (2.0 * g2 + tf.reduce_sum(A, axis=[1, 2], keepdims=True) * g2 * G + 1e-6)  # (N, h, w, C)
-    weights = tf.reduce_sum(tf.where(G > 0, G * alpha, tf.zeros_like(G)), axis=[1, 2])       # (N, C)
+    P = tf.nn.relu(G)
+    p2 = P * P
+    total = tf.reduce_sum(A, axis=[1, 2])[:, tf.newaxis, tf.newaxis, :]             # sum_hw A, (N, 1, 1, C)
+    weights = tf.reduce_sum(p2 * P / (p2 * (2.0 + total * P) + 1e-6), axis=[1, 2])  # sum_hw relu(G) a, (N, C)
     return _weighted_sum(A, weights)
 
 
@@ -151,7 +160,7 @@ def eigencam(A: Any, G: Any) -> Any:
     eigenvalues are within ~1%, where the direction itself is ill-defined) and kept to unit length, as the
     normalisation removes s1. A constant feature map (K = 0) gives an all-zero map.
     """
-    h, w, c = (A.shape[i] if A.shape[i] is not None else tf.shape(A)[i] for i in (1, 2, 3))
+    h, w, c = _grid(A)
     x = tf.reshape(A, [-1, h * w, c])                                              # (N, hw, C)
     x = x - tf.reduce_mean(x, axis=1, keepdims=True)                               # each channel centred over the grid
     gram = tf.matmul(x, x, transpose_b=True)                                       # (N, hw, hw)
