@@ -145,9 +145,19 @@ def layercam(A: Any, G: Any) -> Any:
 
 
 EIGENCAM = "eigencam"
-EIGEN_SQUARINGS = 10        # K <- K^2 ten times: the leading direction wins by (l2/l1)^1024
-EIGEN_SQUARING_CELLS = 256  # up to a 16x16 grid; squaring costs ~2(hw)^3 flops, beyond that power steps are cheaper
-EIGEN_POWER_STEPS = 64      # on larger grids: v <- K v, each step ~2(hw)^2 flops
+EIGEN_SQUARINGS = 8         # M <- M^2 eight times: the leading direction wins by (l2/l1)^256
+EIGEN_SQUARING_SIZE = 256   # squaring an m x m matrix costs 2m^3 flops; beyond this size power steps are cheaper
+EIGEN_POWER_STEPS = 64      # then: v <- M v, 2m^2 flops each
+
+
+def eigen_plan(cells: Any, channels: Any) -> tuple[str, int, int]:
+    """How Eigen-CAM finds the direction for a grid of `cells` positions and `channels` channels: on which side the
+    Gram matrix is formed (the smaller: "cells" X X^T or "channels" X^T X), then squarings and power steps."""
+    static = isinstance(cells, int) and isinstance(channels, int)
+    side = "channels" if static and channels < cells else "cells"
+    size = min(cells, channels) if static else None
+    squarings = EIGEN_SQUARINGS if size is not None and size <= EIGEN_SQUARING_SIZE else 0
+    return side, squarings, 0 if squarings else EIGEN_POWER_STEPS
 
 
 @cam_method(EIGENCAM)
@@ -155,34 +165,39 @@ def eigencam(A: Any, G: Any) -> Any:
     """Eigen-CAM: centred A (hw x C) projected on its first principal direction. Muhammad & Yeasin, IJCNN 2020.
 
     Uses no gradient; the sign, arbitrary in a principal direction, is chosen to correlate positively with sum_c A.
-    ONNX has no SVD. The projection X v1 equals s1 u1, with u1 the leading eigenvector of the small (hw x hw) Gram
-    matrix K = X X^T (49 x 49 for ResNet50), found by repeated squaring (K^1024: converged unless the top two
-    eigenvalues are within ~1%, where the direction itself is ill-defined) and kept to unit length, as the
-    normalisation removes s1. A constant feature map (K = 0) gives an all-zero map.
+    ONNX has no SVD. The projection X v1 (= s1 u1) comes from the leading eigenvector of the smaller Gram matrix:
+    K = X X^T (hw x hw, 49 x 49 for ResNet50) gives u1; X^T X (C x C, when there are fewer channels than cells)
+    gives v1. Both found by repeated squaring (K^256: converged unless the top two eigenvalues are within ~3% of each
+    other, where the direction itself is ill-defined); the normalisation removes the scale. A constant feature map
+    (K = 0) gives an all-zero map.
     """
     h, w, c = _grid(A)
     x = tf.reshape(A, [-1, h * w, c])                                              # (N, hw, C)
     x = x - tf.reduce_mean(x, axis=1, keepdims=True)                               # each channel centred over the grid
-    gram = tf.matmul(x, x, transpose_b=True)                                       # (N, hw, hw)
-    u = _leading_eigenvector(gram, h * w)                                          # (N, hw)
+    side, squarings, steps = eigen_plan(h * w, c)
+    if side == "cells":
+        u = _leading_eigenvector(tf.matmul(x, x, transpose_b=True), squarings, steps)  # u1, (N, hw)
+    else:
+        v = _leading_eigenvector(tf.matmul(x, x, transpose_a=True), squarings, steps)  # v1, (N, C)
+        u = tf.reduce_sum(x * v[:, tf.newaxis, :], axis=-1)                        # X v1, (N, hw)
     total = tf.reshape(tf.reduce_sum(A, axis=-1), [-1, h * w])                     # sum_c A, (N, hw)
     total = total - tf.reduce_mean(total, axis=1, keepdims=True)
     agree = tf.reduce_sum(u * total, axis=1, keepdims=True)                        # sign of the correlation
     return tf.reshape(tf.where(agree < 0, -u, u), [-1, h, w])
 
 
-def _leading_eigenvector(gram: Any, cells: Any) -> Any:
-    """Unit leading eigenvector [N, n] of symmetric PSD matrices [N, n, n]; all zero for a zero matrix."""
-    squarings = EIGEN_SQUARINGS if isinstance(cells, int) and cells <= EIGEN_SQUARING_CELLS else 0
+def _leading_eigenvector(gram: Any, squarings: int, steps: int) -> Any:
+    """Unit leading eigenvector [N, m] of symmetric PSD matrices [N, m, m]; all zero for a zero matrix."""
     m = gram
     for _ in range(squarings):                      # scaled to max |entry| 1 first: no overflow, K^(2^k) up to scale
         m = _scaled(m)
         m = tf.matmul(m, m)
-    # Start from the column with the largest norm: m ~ u1 u1^T, so that column is u1 scaled by its largest |entry|
-    # (the all-ones vector would not do: u1 is orthogonal to it, the columns of X being centred).
-    pick = tf.one_hot(tf.argmax(tf.reduce_sum(m * m, axis=1), axis=-1), cells, dtype=m.dtype)  # (N, n)
+    # Start from the column with the largest norm: m ~ e1 e1^T, so that column is e1 times its largest |entry| (a fixed
+    # vector would not do: on the cells side, e1 is orthogonal to the all-ones vector, the columns of X being centred).
+    size = m.shape[-1] if m.shape[-1] is not None else tf.shape(m)[-1]
+    pick = tf.one_hot(tf.argmax(tf.reduce_sum(m * m, axis=1), axis=-1), size, dtype=m.dtype)  # (N, m)
     v = _unit(tf.reduce_sum(m * pick[:, tf.newaxis, :], axis=-1))
-    for _ in range(0 if squarings else EIGEN_POWER_STEPS):
+    for _ in range(steps):
         v = _unit(tf.reduce_sum(gram * v[:, tf.newaxis, :], axis=-1))              # v <- K v / |K v|
     return v
 

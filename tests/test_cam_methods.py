@@ -17,7 +17,7 @@ import pytest
 
 from gradcam_engine.bench.measure.images import scene_images
 from gradcam_engine.engine import contract as C
-from gradcam_engine.export.methods import EIGEN_SQUARING_CELLS, method_names
+from gradcam_engine.export.methods import eigen_plan, method_names
 from gradcam_engine.export.parity import EIGEN_MIN_GAP, eigen_gap
 
 BATCH = 5
@@ -170,11 +170,6 @@ def test_the_methods_give_different_maps_where_their_formulas_differ(case: Metho
 def test_eigencam_direction_is_well_defined_on_the_test_images(case: MethodsCase) -> None:
     gaps = eigen_gap(case.reference[C.FEATURE_MAPS])
     assert gaps.min() >= EIGEN_MIN_GAP, f"{case.name}: near-equal top eigenvalues {gaps}"
-
-
-def test_the_cases_cover_both_eigencam_paths(flatten_case: MethodsCase, gap_case: MethodsCase) -> None:
-    cells = {c.name: int(np.prod(c.reference[C.FEATURE_MAPS].shape[1:3])) for c in (flatten_case, gap_case)}
-    assert cells["flatten"] <= EIGEN_SQUARING_CELLS < cells["gap"]  # repeated squaring; power steps
 
 
 # --- parity ---------------------------------------------------------------------------------------------------
@@ -389,3 +384,36 @@ def test_parity_check_flags_any_methods_map_but_eigencam_only_where_its_directio
     gradient = cams.copy()
     gradient[0, 0] += 0.001                                                    # any other method: every image
     assert "cams_max_abs_diff" in failures(compare(base, {**base, C.CAMS: gradient}, methods), "fp32")
+
+
+@pytest.mark.parametrize(("h", "w", "c", "plan"), [
+    (7, 7, 64, ("cells", 8, 0)),       # fewer cells than channels, as in ResNet50 (7 x 7 x 2048)
+    (12, 12, 16, ("channels", 8, 0)),  # fewer channels than cells: the C x C matrix
+    (17, 17, 300, ("cells", 0, 64)),   # both sides large: power steps instead of squarings
+])
+def test_eigencam_matches_svd_on_every_path_in_tensorflow_and_onnx(h: int, w: int, c: int,
+                                                                   plan: tuple[str, int, int]) -> None:
+    import onnxruntime as ort
+    import tensorflow as tf
+    import tf2onnx
+
+    from gradcam_engine.bench.contenders.reference import reference_maps
+    from gradcam_engine.export.methods import cam_maps
+
+    assert eigen_plan(h * w, c) == plan
+    rng = np.random.default_rng(h * c)
+    modes = rng.normal(size=(3, 3, h * w, 1)) * rng.normal(size=(3, 3, 1, c))  # a few strong directions, then noise
+    A = np.maximum((modes * np.array([4.0, 2.0, 1.0])[None, :, None, None]).sum(1)
+                   + rng.normal(size=(3, h * w, c)), 0).reshape(3, h, w, c).astype(np.float32)
+    assert eigen_gap(A).min() >= EIGEN_MIN_GAP
+    expected = reference_maps(A, np.zeros_like(A), ["eigencam"])[:, 0]
+
+    fn = tf.function(lambda a: {"eigen": cam_maps(a, tf.zeros_like(a), ["eigencam"])[0]},
+                     input_signature=[tf.TensorSpec([None, h, w, c], tf.float32, name="a")])
+    np.testing.assert_allclose(fn(tf.constant(A))["eigen"].numpy(), expected, atol=1e-3)
+    proto, _ = tf2onnx.convert.from_function(fn, input_signature=fn.input_signature, opset=17)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    for n in (1, 3):  # a dynamic batch
+        (got,) = session.run(None, {"a": A[:n]})
+        np.testing.assert_allclose(got, expected[:n], atol=1e-3)
+    assert (expected.max(axis=(1, 2)) == 1.0).all() and expected.std(axis=(1, 2)).min() > 0.05
