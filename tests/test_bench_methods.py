@@ -104,14 +104,3 @@ def test_gpu_check_dry_run_times_and_checks_every_method(tiny: Path, tmp_path: P
     assert min(parity["cams_min_correlation"].values()) >= 0.99
     assert C.CAMS in {o.name for o in onnx.load(str(prepared / gpu_check.FUSED_METHODS)).graph.output}
 
-
-def test_the_reference_contender_builds_once_its_module_is_imported(report: dict[str, Any]) -> None:
-    """The formulas' tests import bench.contenders.reference; the contender builder must not be shadowed by it."""
-    import gradcam_engine.bench.contenders.reference  # noqa: F401
-    from gradcam_engine.bench.contenders import REFERENCE, Sources, Spec, make
-
-    model = report["model"]
-    contender = make(Spec(REFERENCE, "reference"), Sources(model["artifact"], model["keras"], "tf", None))
-    assert contender.kind == REFERENCE
-    out = contender.call(np.zeros((1, 32, 32, 3), np.uint8), np.array([-1], np.int32))
-    assert out[C.CAM].shape == (1, 16, 16)

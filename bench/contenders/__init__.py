@@ -133,7 +133,8 @@ def tf_forward(model: Any, preprocessing: str, input_size: tuple[int, int], jit:
     return Contender(_name(FORWARD, runtime, "fp32"), FORWARD, runtime, "fp32", call)
 
 
-def reference_loop(model: Any, target_layer: str, preprocessing: str) -> Contender:
+# Not named `reference`: importing the submodule of that name sets it on this package, in place of a function.
+def reference_contender(model: Any, target_layer: str, preprocessing: str) -> Contender:
     """The seed's per-image eager GradientTape loop."""
     from gradcam_engine.bench.contenders.reference import gradcam_reference, split_for_reference
 
@@ -183,7 +184,7 @@ def make(spec: Spec, sources: Sources, shared: dict[str, Any] | None = None) -> 
         return shared["keras"]
 
     if spec.kind == REFERENCE:
-        return reference_loop(keras_model(), artifact.manifest["target_layer"], sources.preprocessing)
+        return reference_contender(keras_model(), artifact.manifest["target_layer"], sources.preprocessing)
     if spec.kind == METHODS:
         return _methods(spec, sources, shared)
     if spec.kind == GRADCAM and spec.backend == "onnx":
