@@ -15,7 +15,7 @@ import numpy as np
 
 from gradcam_engine.bench import contenders as K
 from gradcam_engine.bench.contenders.models import (FORWARD_ONNX, SEED_RESNET50, BenchModel, default_work_dir,
-                                                    prepare_model)
+                                                    methods_artifact, prepare_model)
 from gradcam_engine.bench.errors import BenchError
 from gradcam_engine.bench.measure.agreement import compare, mixed_targets
 from gradcam_engine.bench.measure.images import jpeg_set, path_list, scene_images
@@ -23,6 +23,7 @@ from gradcam_engine.bench.measure.machine import machine_info, rss_mb
 from gradcam_engine.bench.measure.timing import Timing, Unit, batched_run, round_robin, summarize
 from gradcam_engine.engine import contract as C
 from gradcam_engine.engine.errors import first_line
+from gradcam_engine.export.methods import check_methods, method_names
 
 Log = Callable[[str], None]
 CONTENDER_GROUPS = ("reference", "onnx", "tf", "tf-xla", "e2e")  # what --backends may name
@@ -51,6 +52,9 @@ class BenchConfig:
     plot_path: str | None = None
     memory: bool = True            # each contender's peak RSS in its own fresh process (largest batch)
     seed: int = 0
+    methods: tuple[str, ...] = field(default_factory=method_names)  # the all-methods contenders' CAM methods
+                                   # (Grad-CAM always first, so their `cam` is checked against the reference);
+                                   # Grad-CAM alone: no such contenders
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.backends) - set(CONTENDER_GROUPS))
@@ -60,6 +64,12 @@ class BenchConfig:
             raise BenchError("--batch-sizes: give one or more positive integers")
         if self.reps < 1 or self.images < 1 or self.reference_images < 1:
             raise BenchError("--reps, --images and --reference-images must be at least 1")
+        check_methods(self.methods)
+
+    @property
+    def export_methods(self) -> tuple[str, ...]:
+        """The methods artifact's methods: Grad-CAM first, then the others asked for."""
+        return (C.DEFAULT_METHOD, *(m for m in self.methods if m != C.DEFAULT_METHOD))
 
 
 @dataclass
@@ -102,7 +112,8 @@ def _devices(config: BenchConfig) -> list[str]:
 
 def contender_specs(config: BenchConfig, artifact: Any, has_keras: bool) -> list[K.Spec]:
     """What to build: the reference, then per device each backend's Grad-CAM (each precision the artifact has, in
-    hardware mode) and its forward-only counterpart (needs the Keras model; not in hardware mode)."""
+    hardware mode), its forward-only counterpart and, for ONNX Runtime and TensorFlow, the same graph with every CAM
+    method (these two need the Keras model; not in hardware mode)."""
     onnx_precisions = ["fp32"] + (["fp16"] if config.hardware and artifact.has(C.ONNX_FP16_FILE) else [])
     tf_precisions = ["fp32"] + (["fp16"] if config.hardware and artifact.has(C.SAVED_MODEL_FP16_DIR) else [])
     forward = has_keras and not config.hardware
@@ -111,6 +122,8 @@ def contender_specs(config: BenchConfig, artifact: Any, has_keras: bool) -> list
         for backend, precisions in (("onnx", onnx_precisions), ("tf", tf_precisions), ("tf-xla", tf_precisions)):
             if backend in config.backends:
                 specs += [K.Spec(K.GRADCAM, backend, device, p) for p in precisions]
+                many = forward and len(config.export_methods) > 1 and backend in ("onnx", "tf")
+                specs += [K.Spec(K.METHODS, backend, device)] if many else []  # next to Grad-CAM: timed back to back
                 specs += [K.Spec(K.FORWARD, backend, device)] if forward else []
     return specs
 
@@ -129,8 +142,14 @@ def build_contenders(config: BenchConfig, model: BenchModel, artifact: Any, log:
         export_forward_onnx(keras.models.load_model(model.keras_path, compile=False), model.preprocessing,
                             artifact.input_size, forward_onnx)
         log(f"forward-only ONNX written: {forward_onnx} ({time.perf_counter() - start:.1f} s)")
+    methods_root = None
+    if any(s.kind == K.METHODS for s in specs):
+        methods_root, seconds = methods_artifact(model, config.export_methods)
+        log(f"methods artifact ({', '.join(config.export_methods)}): {methods_root} "
+            + (f"(exported in {seconds:.0f} s)" if seconds else "(cached export)"))
     built = Built(K.Sources(str(model.artifact), str(model.keras_path) if has_keras else None, model.preprocessing,
-                            str(forward_onnx) if forward_onnx else None, config.threads))
+                            str(forward_onnx) if forward_onnx else None, config.threads,
+                            str(methods_root) if methods_root else None))
     if not has_keras and not config.hardware:
         built.skipped.append({"contender": "reference and forward-only",
                               "reason": "an artifact directory holds no Keras model; pass --model FILE.keras"})
@@ -163,19 +182,34 @@ def check_contenders(built: Built, images: np.ndarray, num_classes: int, log: Lo
     start = time.perf_counter()
     expected = baseline.call(images, class_index)
     log(f"check: {baseline.name} on {len(images)} images: {time.perf_counter() - start:.1f} s")
+    methods = _methods_of(built)
+    if methods and C.GRADIENTS in expected:  # the reference: every method's map from its formula
+        from gradcam_engine.bench.contenders.reference import reference_maps
+
+        expected = {**expected, C.CAMS: reference_maps(expected[C.FEATURE_MAPS], expected[C.GRADIENTS], methods)}
     checks = []
     for c in pool:
         if c is baseline:
             checks.append({"contender": c.name, "against": "itself", "ok": True})
             continue
         try:
-            result = compare(expected, _chunked(c.call, images, class_index, b), c.precision)
+            result = compare(expected, _chunked(c.call, images, class_index, b), c.precision,
+                             methods if c.kind == K.METHODS else ())
         except Exception as e:  # XLA may refuse a graph on first call: the contender is out, the bench goes on
             result = {"ok": False, "error": first_line(e, 200)}
         checks.append({"contender": c.name, "against": baseline.name, **result})
         log(f"check: {c.name} vs {baseline.name}: {'ok' if result['ok'] else 'MISMATCH'} "
             f"{ {k: v for k, v in result.items() if k != 'ok'} }")
     return checks
+
+
+def _methods_of(built: Built) -> tuple[str, ...]:
+    """The all-methods contenders' CAM methods, read from their artifact; () when there are none."""
+    if not built.sources.methods_artifact or not any(c.kind == K.METHODS for c in built.contenders):
+        return ()
+    from gradcam_engine.engine.artifact import load_artifact
+
+    return load_artifact(built.sources.methods_artifact, verify=[]).methods
 
 
 def _end_to_end(config: BenchConfig, artifact: Any, work: Path, device: str, log: Log
@@ -241,14 +275,17 @@ def _model_units(built: Built, images: np.ndarray, config: BenchConfig) -> list[
 
 
 def _rows(timings: list[Timing], built: Built, memory: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One result row per timed unit, with the ratios: vs reference and vs forward-only (same runtime, batch)."""
+    """One result row per timed unit, with the ratios: vs reference and vs forward-only (same runtime, batch); for
+    the all-methods contenders also vs Grad-CAM alone: the median over rounds of the per-round ratio, since each
+    round runs both once, back to back, in wall time and in CPU time (steadier on a shared machine; with --threads 1
+    no idle runtime thread spins into it)."""
     load = {c.name: c.load_mb for c in built.contenders}
     rows = []
     for t in timings:
         u = t.unit
         rows.append({"contender": u.contender, "kind": u.kind, "runtime": u.runtime, "precision": u.precision,
                      "batch_size": u.batch_size, "images": u.images, "group": u.group, **summarize(t),
-                     "rep_seconds": t.rep_seconds,
+                     "rep_seconds": t.rep_seconds, "rep_cpu_seconds": t.rep_cpu_seconds,
                      # fresh process, this contender alone, at its largest batch: the figure to read
                      "own_process_memory": memory.get(u.contender)
                      if memory.get(u.contender, {}).get("batch_size") == u.batch_size else None,
@@ -257,13 +294,20 @@ def _rows(timings: list[Timing], built: Built, memory: dict[str, dict[str, Any]]
                      "in_process_peak_rss_mb": t.peak_rss_mb})
     reference = next((r for r in rows if r["kind"] == K.REFERENCE), None)
     forward = {(r["runtime"], r["precision"], r["batch_size"]): r for r in rows if r["kind"] == K.FORWARD}
+    gradcam = {(r["runtime"], r["precision"], r["batch_size"]): r for r in rows if r["kind"] == K.GRADCAM}
     for r in rows:
         ips = r["images_per_second"]
         ref = reference["images_per_second"] if reference else None
+        key = (r["runtime"], r["precision"], r["batch_size"])
         r["vs_reference"] = ips / ref if ips and ref and r["group"] == "model" else None
-        pair = forward.get((r["runtime"], r["precision"], r["batch_size"])) if r["kind"] == K.GRADCAM else None
+        pair = forward.get(key) if r["kind"] in (K.GRADCAM, K.METHODS) else None
         r["forward_pair"] = pair["contender"] if pair else None
         r["vs_forward"] = ips / pair["images_per_second"] if pair and ips and pair["images_per_second"] else None
+        if r["kind"] == K.METHODS and key in gradcam:
+            r["gradcam_pair"] = gradcam[key]["contender"]
+            for field_name, times in (("vs_gradcam", "rep_seconds"), ("vs_gradcam_cpu", "rep_cpu_seconds")):
+                pairs = zip(gradcam[key][times], r[times])
+                r[field_name] = float(np.median([a / m for a, m in pairs if m > 0]))
     return rows
 
 
@@ -337,6 +381,7 @@ def run_bench(config: BenchConfig, log: Log = lambda _: None) -> dict[str, Any]:
         "model": {"name": model.name, "artifact": str(model.artifact), "keras": str(model.keras_path or ""),
                   "input_size": list(artifact.input_size), "target_layer": artifact.manifest["target_layer"],
                   "preprocessing": model.preprocessing, "export_seconds": model.export_seconds,
+                  "methods": list(_methods_of(built)),
                   "files": sorted({k.split("/")[0] for k in artifact.manifest.get("files", {})})},
         "checks": checks, "skipped": built.skipped, "results": rows, "dataset_sweep": sweep,
     }

@@ -23,7 +23,8 @@ def _bench(args: argparse.Namespace) -> int:
         batch_sizes=_list(args.batch_sizes, int), images=args.images, reference_images=args.reference_images,
         reps=args.reps, e2e_images=args.e2e_images, e2e_batch_size=args.e2e_batch_size,
         dataset_sizes=_positive(_list(args.dataset_sizes, int)), device=args.device, threads=args.threads,
-        preprocess=args.preprocess, work_dir=args.work_dir, json_path=args.json, plot_path=args.plot)
+        preprocess=args.preprocess, work_dir=args.work_dir, json_path=args.json, plot_path=args.plot,
+        methods=_list(args.methods))
     start = time.perf_counter()
 
     def log(message: str) -> None:
@@ -57,6 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--e2e-images", type=int, help="JPEG files in the timed end-to-end runs")
     p.add_argument("--e2e-batch-size", type=int)
     p.add_argument("--dataset-sizes", nargs="+", help="end-to-end sizes, each run in a fresh process (0 to skip)")
+    p.add_argument("--methods", nargs="+", help="CAM methods of the all-methods contenders, timed against Grad-CAM "
+                                                "alone (default: all of them; gradcam alone: none)")
     p.add_argument("--device", default=None, choices=DEVICES)
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: the runtime's)")
     p.add_argument("--preprocess", choices=C.PREPROCESSING,

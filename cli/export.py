@@ -10,7 +10,9 @@ from gradcam_engine.engine import contract as C
 
 def _export(args: argparse.Namespace) -> int:
     from gradcam_engine.engine.tf_import import import_tensorflow
+    from gradcam_engine.export.methods import check_methods
 
+    methods = check_methods([m.strip() for m in args.methods.split(",") if m.strip()])  # before TensorFlow loads
     import_tensorflow("gradcam export")
     from gradcam_engine.export import ExportOptions, export_artifact, read_class_names
     from gradcam_engine.export.sources import import_modules
@@ -19,7 +21,7 @@ def _export(args: argparse.Namespace) -> int:
     options = ExportOptions(
         layer=args.layer, preprocessing=args.preprocess, opset=args.opset, precision=args.precision,
         score=args.score, class_names=read_class_names(args.classes) if args.classes else None,
-        input_size=args.input_size, overwrite=args.overwrite)
+        input_size=args.input_size, overwrite=args.overwrite, methods=methods)
     manifest = export_artifact(args.model, args.out, options)
     print(summary(manifest, args.out))
     return 0
@@ -34,11 +36,13 @@ def summary(manifest: dict[str, Any], out: str) -> str:
     sizes = ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in groups.items())
     lines = [f"exported {manifest['model_name']} -> {out}: layer {manifest['target_layer']} "
              f"(cam {cam['height']}x{cam['width']}x{cam['channels']}), score {manifest['score']}, "
-             f"{manifest['num_classes']} classes, opset {manifest['opset']}; {sizes}"]
+             f"{manifest['num_classes']} classes, opset {manifest['opset']}; {sizes}",
+             f"  CAM methods: {', '.join(manifest['methods'])} (output cam: the first; cams: all, in this order)"]
     for file, check in manifest["verification"].items():
         if isinstance(check, dict):
             lines.append(f"  {file} ({check['precision']}) vs TensorFlow fp32: cam max diff "
                          f"{check['cam_max_abs_diff']:.1e}, cam correlation >= {check['cam_min_correlation']:.4f}, "
+                         f"every method's map max diff {check.get('cams_max_abs_diff', 0.0):.1e}, "
                          f"top-1 agreement {check['top1_agreement']:.0%}")
         else:
             lines.append(f"  {file}: {check}")
@@ -48,6 +52,7 @@ def summary(manifest: dict[str, Any], out: str) -> str:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `export` subcommand."""
     from gradcam_engine.export.api import EXPORT_PRECISIONS, SCORES, ExportOptions
+    from gradcam_engine.export.methods import method_names
 
     ex = sub.add_parser("export", help="export a Keras model as one fused Grad-CAM graph (SavedModel + ONNX)")
     ex.add_argument("model", help="a .keras or .h5 file (Keras 3 or tf_keras), or module.py:function / "
@@ -67,5 +72,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--input-size", type=size, help="HxW, for models whose input size is not fixed")
     ex.add_argument("--import", dest="imports", action="append", metavar="MODULE",
                     help="import MODULE first, so a saved model's custom classes resolve (repeatable)")
+    ex.add_argument("--methods", default=",".join(default(ExportOptions, "methods")), metavar="M1,M2,...",
+                    help=f"CAM methods, comma-separated, in output order (cam = the first): any of "
+                         f"{', '.join(method_names())}")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
     ex.set_defaults(handler=_export)

@@ -23,7 +23,7 @@ def config_from(args: argparse.Namespace) -> RunConfig:
     return RunConfig(artifact=args.artifact, inputs=args.inputs, out=args.out, session=session,
                      batch_size=args.batch_size, target=args.target, overlays=args.overlays, workers=args.workers,
                      shard_size=args.shard_size, commit_seconds=args.commit_seconds, overwrite=args.overwrite,
-                     exit_on_second_signal=True)
+                     exit_on_second_signal=True, overlay_method=args.overlay_method)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -67,6 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="predicted, a class index, or a class name")
     p.add_argument("--overlays", default=default(RunConfig, "overlays"),
                    help="none, all, or N (overlays for the first N images)")
+    p.add_argument("--overlay-method", default=default(RunConfig, "overlay_method"), metavar="METHOD",
+                   help="the CAM method overlays show, one of the artifact's (default: its first)")
     p.add_argument("--workers", type=int, default=default(RunConfig, "workers"),
                    help="decode threads (default: one per core)")
     p.add_argument("--threads", type=int, default=default(SessionOptions, "threads"),

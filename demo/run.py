@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import csv
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,8 @@ class DemoReport:
     seconds: float
     metrics: dict[str, Any]
     report: Path
+    # CAM method -> (pointing game of all images, of correctly classified ones); the first is the one above
+    pointing_by_method: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def text(self) -> str:
         lines = [self.run_summary,
@@ -36,12 +38,17 @@ class DemoReport:
                  f"(CAM peak inside the object's box) {self.pointing_game:.1%} of all images, "
                  f"{self.pointing_game_correct:.1%} of correctly classified ones. Overlays: {self.overlays}/ "
                  f"(demo took {self.seconds:.0f} s)."]
+        if self.pointing_by_method:
+            lines.append("Pointing game per CAM method (all images, correctly classified):"
+                         + "".join(f"\n  {name:<10} {everything:6.1%} {correct:6.1%}"
+                                   for name, (everything, correct) in self.pointing_by_method.items()))
         for method, m in self.metrics["overall"].items():
             faithfulness = (f"; Average Drop {m['average_drop']:.1%}, Increase in Confidence "
                             f"{m['increase_in_confidence']:.1%}, deletion AUC {m['deletion_auc']:.3f}, insertion AUC "
                             f"{m['insertion_auc']:.3f}" if "average_drop" in m else "")
             lines.append(f"Evaluate ({method}): energy pointing game {m['energy_pointing_game']:.3f}, IoU@0.5 "
-                         f"{m['iou']:.3f}{faithfulness}. Metrics: {self.overlays.parent / 'metrics.json'}")
+                         f"{m['iou']:.3f}{faithfulness}.")
+        lines.append(f"Metrics: {self.overlays.parent / 'metrics.json'}")
         lines.append(f"Report: {self.report}")
         return "\n".join(lines)
 
@@ -66,6 +73,7 @@ def run_demo(out: Path, images: int = 400, seed: int = 2026, overlays: int = 16,
     from gradcam_engine.engine.session import SessionOptions
     from gradcam_engine.export import ExportOptions, export_artifact
     from gradcam_engine.report import write_report
+    from gradcam_engine.export.methods import method_names
 
     start = time.perf_counter()
     out = Path(out)
@@ -75,7 +83,8 @@ def run_demo(out: Path, images: int = 400, seed: int = 2026, overlays: int = 16,
     labels = write_labels(scene_dir)
 
     artifact = out / "artifact"
-    manifest = export_artifact(MODEL, artifact, ExportOptions(class_names=CLASS_NAMES, overwrite=True))
+    manifest = export_artifact(MODEL, artifact, ExportOptions(class_names=CLASS_NAMES, overwrite=True,
+                                                              methods=method_names()))  # every method, compared
     print(f"exported {MODEL.name}: target layer {manifest['target_layer']}, score {manifest['score']}")
     run_dir = out / "run"
     summary = run_gradcam(RunConfig(artifact=str(artifact), inputs=[str(scene_dir.resolve())], out=str(run_dir),
@@ -86,9 +95,13 @@ def run_demo(out: Path, images: int = 400, seed: int = 2026, overlays: int = 16,
                                          overwrite=True))
     report = write_report(run_dir)
     metrics = evaluation.info
-    first = metrics["overall"][metrics["methods"][0]]
+    overall = metrics["overall"]
+    first = overall[metrics["methods"][0]]
     return DemoReport(images=first["images_with_boxes"], accuracy=metrics["classification"]["accuracy"],
                       pointing_game=first["pointing_game"],
                       pointing_game_correct=first.get("pointing_game_correct") or float("nan"),
                       run_summary=summary.text(), overlays=run_dir / "overlays", seconds=time.perf_counter() - start,
-                      metrics=metrics, report=report.path)
+                      metrics=metrics, report=report.path,
+                      pointing_by_method={m: (overall[m]["pointing_game"],
+                                              overall[m].get("pointing_game_correct") or float("nan"))
+                                          for m in metrics["methods"]})

@@ -3,8 +3,8 @@
 An entry names an input in one of two ways: exactly as the results' `path` column spells it, or by a path that
 names the same file once resolved as the run resolves the lines of a path list: relative to the annotation file's
 own folder (or to `root` when given), compared after normalising (`a/./b`, `a//b`) and, for local paths, made
-absolute (a relative results path from the directory the run read it from). A tar member is `ARCHIVE.tar::MEMBER`, the archive part resolved the same way.
-Nothing is matched by file name alone: two inputs may share one.
+absolute (a relative results path from the directory the run read it from). A tar member is `ARCHIVE.tar::MEMBER`,
+the archive part resolved the same way. Nothing is matched by file name alone: two inputs may share one.
 
 Labels: a class name or index. Boxes: x0, y0, x1, y1 in original pixels after EXIF orientation (x1, y1 exclusive).
 """

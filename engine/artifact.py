@@ -58,6 +58,12 @@ class Artifact:
         return list(names) if names else [str(i) for i in range(int(self.manifest["num_classes"]))]
 
     @property
+    def methods(self) -> tuple[str, ...]:
+        """The CAM methods of `cams`, in order (`cam` is the first); an artifact exported before there were several
+        lists none and computes Grad-CAM."""
+        return tuple(self.manifest.get("methods") or (C.DEFAULT_METHOD,))
+
+    @property
     def checksum(self) -> str:
         """One digest for the whole artifact: the manifest's own sha256 (it lists every file's)."""
         return sha256_file(self.root / C.MANIFEST)
@@ -118,7 +124,13 @@ def check_manifest(manifest: Any, where: Path) -> None:
     outputs = manifest.get("outputs")
     if not isinstance(outputs, list) or not all(isinstance(o, dict) and "name" in o for o in outputs):
         raise bad('"outputs"', "is missing")
-    missing = [name for name in C.OUTPUT_NAMES if name not in {o["name"] for o in outputs}]
+    methods = manifest.get("methods")
+    if methods is not None and (not isinstance(methods, list) or not methods
+                                or not all(isinstance(m, str) and m for m in methods)):
+        raise bad('"methods"', "is not a list of CAM method names")
+    # An artifact exported before there were several CAM methods lists no methods and has no `cams` output.
+    required = C.OUTPUT_NAMES if methods is not None else tuple(n for n in C.OUTPUT_NAMES if n != C.CAMS)
+    missing = [name for name in required if name not in {o["name"] for o in outputs}]
     if missing:
         raise bad('"outputs"', f"lacks {', '.join(missing)}")
     files = manifest.get("files")
@@ -183,7 +195,8 @@ def check_graph(artifact: Artifact, graph: GraphSignature, file: str) -> None:
         return ArtifactError(f"{artifact.root / C.MANIFEST}: {what} is {in_manifest} but {where} has {in_graph}; "
                              "the manifest does not describe this graph (edited?): re-export the artifact")
 
-    missing = [name for name in (*C.INPUT_NAMES, *C.ENGINE_OUTPUTS) if name not in {**graph.inputs, **graph.outputs}]
+    missing = [name for name in (*C.INPUT_NAMES, *C.engine_outputs(artifact.methods))
+               if name not in {**graph.inputs, **graph.outputs}]
     if missing:
         raise ArtifactError(f"{where}: the graph has no {', '.join(missing)}; not a gradcam-engine graph")
     height, width = artifact.input_size
@@ -196,6 +209,9 @@ def check_graph(artifact: Artifact, graph: GraphSignature, file: str) -> None:
     cam = graph.outputs[C.CAM][1]
     if not _same_dims([None, manifest["cam"]["height"], manifest["cam"]["width"]], cam):
         raise differs("the CAM size", f"{manifest['cam']['height']}x{manifest['cam']['width']}", f"cam of shape {cam}")
+    cams = graph.outputs.get(C.CAMS)
+    if cams is not None and "methods" in manifest and not _same_dims([None, len(artifact.methods)], cams[1][:2]):
+        raise differs('"methods"', f"{len(artifact.methods)} methods", f"cams of shape {cams[1]}")
     for declared in manifest["outputs"]:
         actual = graph.outputs.get(declared["name"])
         if actual is not None and isinstance(declared.get("shape"), list) and \

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
+
+import pyarrow as pa
 
 import numpy as np
 
@@ -20,11 +23,23 @@ from gradcam_engine.engine.inputs import InputItem, list_inputs
 from gradcam_engine.engine.overlay import write_overlays
 from gradcam_engine.engine.pipeline import BackgroundWriter, LoadedBatch, batches, load, ordered_map, prefetch
 from gradcam_engine.engine.progress import Progress
-from gradcam_engine.engine.results import batch_rows, concat, to_table
-from gradcam_engine.engine.run_config import RunConfig, parse_overlays, resolve_target
+from gradcam_engine.engine.results import batch_rows, concat, results_schema, to_table
+from gradcam_engine.engine.run_config import RunConfig, parse_overlays, resolve_overlay_method, resolve_target
 from gradcam_engine.engine.rundir import RunDirectory, RunSummary, fingerprint
 from gradcam_engine.engine.session import GradCAMSession, Prepared, Session
 from gradcam_engine.engine.signals import GracefulStop, RunInterrupted
+
+
+@dataclass(frozen=True)
+class OutputShape:
+    """What a row holds for this artifact: its CAM methods (their result columns) and the one overlays show."""
+
+    methods: tuple[str, ...]
+    overlay_index: int
+
+    @property
+    def schema(self) -> pa.Schema:
+        return results_schema(self.methods)
 
 
 def run_gradcam(config: RunConfig, session: Session | None = None) -> RunSummary:
@@ -53,6 +68,8 @@ def _run(config: RunConfig, session: Session | None, stop: GracefulStop) -> RunS
         artifact = session.artifact
         labels = artifact.class_names
         class_index = resolve_target(config.target, labels)
+        methods = artifact.methods
+        overlay_index = resolve_overlay_method(config.overlay_method, methods)
         precision = session.precision
         run_fingerprint = fingerprint(config, artifact.checksum, class_index, precision)
         backend = f"{config.session.backend} {precision}"
@@ -61,10 +78,12 @@ def _run(config: RunConfig, session: Session | None, stop: GracefulStop) -> RunS
         run_dir.prepare(run_fingerprint, config.overwrite)
         pending = run_dir.pending(listing)
         overlay_keys = {item.key for item in listing.items[:overlay_limit]} if overlay_limit else set()
-        run_dir.start(config, run_fingerprint, session.device, precision, overlays=bool(overlay_keys))
+        run_dir.start(config, run_fingerprint, session.device, precision, overlays=bool(overlay_keys),
+                      methods=list(methods))
         extra = {"overlays": bool(overlay_keys)}
         start = time.perf_counter()
-        _stream(config, session, run_dir, [item for _, item in pending], overlay_keys, class_index, labels, stop)
+        _stream(config, session, run_dir, [item for _, item in pending], overlay_keys, class_index, labels,
+                OutputShape(methods, overlay_index), stop)
         seconds = time.perf_counter() - start
         if stop.requested is not None:
             raise run_dir.interrupted(stop.requested, listing, seconds, session.device, backend, extra)
@@ -72,7 +91,8 @@ def _run(config: RunConfig, session: Session | None, stop: GracefulStop) -> RunS
 
 
 def _stream(config: RunConfig, session: Session, run_dir: RunDirectory, items: list[InputItem],
-            overlay_keys: set[str], class_index: int, labels: list[str], stop: GracefulStop) -> None:
+            overlay_keys: set[str], class_index: int, labels: list[str], shape: OutputShape,
+            stop: GracefulStop) -> None:
     """Decode, infer and commit `items`; returns when all are committed, or what was in flight after a stop."""
     size = session.artifact.input_size
     workers = config.workers or max(1, os.cpu_count() or 1)
@@ -88,15 +108,15 @@ def _stream(config: RunConfig, session: Session, run_dir: RunDirectory, items: l
     def flush() -> None:
         nonlocal shard, shard_rows
         if shard:
-            run_dir.commit(to_table(concat(shard)))
+            run_dir.commit(to_table(concat(shard), shape.schema))
         shard, shard_rows = [], 0
 
     def write(job: tuple[LoadedBatch, dict[str, np.ndarray] | None]) -> None:
         nonlocal shard_rows, opened_at
         batch, outputs = job
-        columns = batch_rows(batch, outputs, labels)
+        columns = batch_rows(batch, outputs, labels, shape.methods)
         try:
-            write_overlays(run_dir.overlays, batch, outputs)
+            write_overlays(run_dir.overlays, batch, outputs, shape.overlay_index)
         except OSError as e:
             raise RunError(f"{run_dir.overlays}: cannot write an overlay ({e.strerror or e}); nothing committed "
                            "is lost: fix the cause and rerun the same command") from None

@@ -98,16 +98,18 @@ def overlay_name(path: str) -> str:
     return f"{stem}_{hashlib.sha256(path.encode()).hexdigest()[:12]}.jpg"
 
 
-def write_overlays(folder: Path, batch: LoadedBatch, outputs: dict[str, np.ndarray] | None) -> None:
+def write_overlays(folder: Path, batch: LoadedBatch, outputs: dict[str, np.ndarray] | None,
+                   method_index: int = 0) -> None:
     """One JPEG per input of the batch that kept its full-size image, named by overlay_name; each appears
-    atomically."""
+    atomically. method_index picks the map shown: 0 is `cam`, the first method; another is that method's slice of
+    `cams`."""
     from PIL import Image
 
     chosen = [(i, x) for i, x in enumerate(batch.good) if x.image.original is not None]
     if not chosen or outputs is None:
         return
     folder.mkdir(parents=True, exist_ok=True)
-    cams = outputs[C.CAM][[i for i, _ in chosen]]
+    cams = (outputs[C.CAM] if method_index == 0 else outputs[C.CAMS][:, method_index])[[i for i, _ in chosen]]
     for (_, x), overlay in zip(chosen, overlays([x.image.original for _, x in chosen], cams)):
         target = folder / overlay_name(path_text(x.key))
         tmp = target.with_name(f".{target.name}.tmp")

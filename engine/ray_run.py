@@ -28,7 +28,7 @@ from gradcam_engine.engine.inputs import InputItem, list_inputs
 from gradcam_engine.engine.ray_stages import (INDEX, KIND, CommitSpec, DecodeSpec, GradCAMActor, decode_batch,
                                               probe_replica, write_batch)
 from gradcam_engine.engine.results import ShardRecord, path_text
-from gradcam_engine.engine.run_config import RunConfig, parse_overlays, resolve_target
+from gradcam_engine.engine.run_config import RunConfig, parse_overlays, resolve_overlay_method, resolve_target
 from gradcam_engine.engine.rundir import RunDirectory, RunSummary, fingerprint
 from gradcam_engine.engine.session import SessionOptions
 from gradcam_engine.engine.signals import GracefulStop, RunInterrupted
@@ -187,7 +187,10 @@ def build_dataset(ray: Any, pending: list[tuple[int, InputItem]], config: RunCon
                          fn_constructor_kwargs={"artifact": str(artifact.root.resolve()), "options": session_options,
                                                 "class_index": class_index})
             .map_batches(write_batch, batch_size=config.shard_size, batch_format="pyarrow",
-                         fn_kwargs={"commit": commit, "overlay_limit": overlay_limit, "spec": spec}))
+                         fn_kwargs={"commit": commit, "overlay_limit": overlay_limit, "spec": spec,
+                                    "methods": artifact.methods,
+                                    "overlay_index": resolve_overlay_method(config.overlay_method,
+                                                                            artifact.methods)}))
 
 
 def run_gradcam_ray(config: RunConfig, options: RayOptions = RayOptions()) -> RunSummary:
@@ -200,6 +203,7 @@ def run_gradcam_ray(config: RunConfig, options: RayOptions = RayOptions()) -> Ru
     listing = list_inputs(config.inputs)  # raises InputError for a missing path, before anything is written
     artifact = load_artifact(config.artifact, verify=[])  # each replica checks the model file it loads
     class_index = resolve_target(config.target, artifact.class_names)
+    resolve_overlay_method(config.overlay_method, artifact.methods)  # refused before Ray starts
     run_dir = RunDirectory(config.out)
     with ray_session(ray, options), progress_bars(ray, config.progress), \
             GracefulStop(exit_at_once=config.exit_on_second_signal) as stop, run_dir.opened():
@@ -215,7 +219,7 @@ def run_gradcam_ray(config: RunConfig, options: RayOptions = RayOptions()) -> Ru
         ray_info = {**{k: (dict(v) if isinstance(v, Mapping) else v) for k, v in asdict(options).items()},
                     "cluster": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}}
         run_dir.start(config, run_fingerprint, device, precision, overlays=bool(extra["overlays"]),
-                      runner="ray", ray=ray_info, versions={"ray": ray.__version__})
+                      runner="ray", ray=ray_info, versions={"ray": ray.__version__}, methods=list(artifact.methods))
         start = time.perf_counter()
         if pending:
             dataset = build_dataset(ray, pending, config, options, artifact, session_options, class_index,

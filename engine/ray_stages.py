@@ -24,8 +24,8 @@ from gradcam_engine.engine.decode import DecodedImage
 from gradcam_engine.engine.inputs import InputItem
 from gradcam_engine.engine.overlay import write_overlays
 from gradcam_engine.engine.pipeline import Loaded, LoadedBatch, load
-from gradcam_engine.engine.results import (SCHEMA, batch_rows, new_token, path_key, publish_shard, shard_name,
-                                           stage_shard, to_table)
+from gradcam_engine.engine.results import (batch_rows, method_columns, new_token, path_key, publish_shard,
+                                           results_schema, shard_name, stage_shard, to_table)
 from gradcam_engine.engine.runlock import lock_token_matches
 from gradcam_engine.engine.session import GradCAMSession, SessionOptions
 from gradcam_engine.engine.storage import is_uri
@@ -96,6 +96,7 @@ class GradCAMActor:
     def __init__(self, artifact: str, options: SessionOptions, class_index: int):
         self.session = GradCAMSession(artifact, options)
         self.labels = self.session.artifact.class_names
+        self.methods = self.session.artifact.methods
         self.class_index = class_index
 
     def __call__(self, batch: Columns) -> pa.Table:
@@ -105,13 +106,19 @@ class GradCAMActor:
             images = np.ascontiguousarray(batch[C.IMAGES][ok])
             outputs = self.session({C.IMAGES: images,
                                     C.CLASS_INDEX: np.full(len(images), self.class_index, np.int32)})
-        return with_position(to_table(batch_rows(LoadedBatch(as_loaded(batch)), outputs, self.labels)), batch)
+        rows = batch_rows(LoadedBatch(as_loaded(batch)), outputs, self.labels, self.methods)
+        return with_position(to_table(rows, results_schema(self.methods)), batch)
 
 
 def probe_replica(artifact: str, options: SessionOptions) -> tuple[str, str]:
     """Build one replica where replicas run and report (device, precision): the fingerprint needs them up front."""
     session = GradCAMSession(artifact, options)
     return session.device, session.precision
+
+
+def overlay_column(methods: tuple[str, ...], index: int) -> str:
+    """The results column holding the map overlays show: `cam` for the first method, else its own column."""
+    return "cam" if index == 0 else method_columns(methods)[index]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,16 +134,18 @@ class CommitSpec:
     lock_token: str
 
 
-def write_batch(table: pa.Table, commit: CommitSpec, overlay_limit: int, spec: DecodeSpec) -> Columns:
+def write_batch(table: pa.Table, commit: CommitSpec, overlay_limit: int, spec: DecodeSpec,
+                methods: tuple[str, ...] = (), overlay_index: int = 0) -> Columns:
     """Writer task: overlays, then the rows as one shard, written, read back, checksummed and renamed into results/,
     so a committed row has its overlay; the driver journals the record this returns."""
     table = table.sort_by(INDEX)
     index = table.column(INDEX).to_numpy()
     if overlay_limit and int(index[0]) < overlay_limit:
         write_table_overlays(table.filter(pc.less(table.column(INDEX), overlay_limit)),
-                             Path(commit.overlay_dir), spec)
+                             Path(commit.overlay_dir), spec, overlay_column(methods, overlay_index))
+    schema = results_schema(methods)
     name = shard_name(commit.attempt, new_token())
-    tmp, record = stage_shard(Path(commit.staging_dir), table.select(SCHEMA.names).cast(SCHEMA), name, spec.base)
+    tmp, record = stage_shard(Path(commit.staging_dir), table.select(schema.names).cast(schema), name, spec.base)
     if not lock_token_matches(Path(commit.run_dir), commit.lock_token):  # the driver is gone or was replaced
         tmp.unlink(missing_ok=True)
         raise RuntimeError(f"{commit.run_dir}: the run lock is no longer this run's; shard not committed")
@@ -147,13 +156,14 @@ def write_batch(table: pa.Table, commit: CommitSpec, overlay_limit: int, spec: D
             "ok": np.array([statuses.count("ok")], np.int64)}
 
 
-def write_table_overlays(table: pa.Table, folder: Path, spec: DecodeSpec) -> None:
-    """Overlays for a table's ok rows; the full-size image is re-read here, so it never crosses the object store."""
+def write_table_overlays(table: pa.Table, folder: Path, spec: DecodeSpec, column: str = "cam") -> None:
+    """Overlays for a table's ok rows, of the map in `column`; the full-size image is re-read here, so it never
+    crosses the object store."""
     ok = table.filter(pc.equal(table.column("status"), "ok"))
     if ok.num_rows == 0:
         return
     h, w = int(ok.column("cam_height")[0].as_py()), int(ok.column("cam_width")[0].as_py())
-    cams = ok.column("cam").combine_chunks().flatten().to_numpy().reshape(ok.num_rows, h, w)
+    cams = ok.column(column).combine_chunks().flatten().to_numpy().reshape(ok.num_rows, h, w)
     keys, kinds = [path_key(t) for t in ok.column("path").to_pylist()], ok.column(KIND).to_pylist()
     loaded = [load_key(key, kind, spec, keep_original=True) for key, kind in zip(keys, kinds)]
     kept = [i for i, x in enumerate(loaded) if x.image is not None]  # an input changed since decoding gets none

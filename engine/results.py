@@ -16,7 +16,7 @@ import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -45,6 +45,22 @@ SCHEMA = pa.schema([
     ("cam_height", pa.int32()),
     ("cam_width", pa.int32()),
 ])
+
+
+
+def method_columns(methods: Sequence[str]) -> list[str]:
+    """One list<float> column per CAM method, `cam_<method>` in the artifact's order, when it has more than one; with
+    one, `cam` is that method's map and a copy would only double the bytes of every row."""
+    return [f"cam_{m}" for m in methods] if len(methods) > 1 else []
+
+
+def results_schema(methods: Sequence[str] = ()) -> pa.Schema:
+    """The results' schema for an artifact with these CAM methods: SCHEMA, then the method columns."""
+    schema = SCHEMA
+    for name in method_columns(methods):
+        schema = schema.append(pa.field(name, pa.list_(pa.float32())))  # row-major [cam_height, cam_width]
+    return schema
+
 
 # Columns with few distinct values. Dictionary-encoding the others (unique paths, float scores and CAM values) saves
 # nothing and makes the writer's memory grow with the shard: about 16 kB per row for a 16x16 CAM.
@@ -92,12 +108,14 @@ def path_key(text: str) -> str:
 
 
 def ok_rows(paths: list[str], sizes: list[tuple[int, int]], outputs: dict[str, np.ndarray],
-            labels: list[str]) -> dict[str, list[Any]]:
+            labels: list[str], methods: Sequence[str] = ()) -> dict[str, list[Any]]:
     """Columns for a batch of successful images, from the engine's outputs."""
     predictions = outputs[C.PREDICTIONS]
     top = predictions.argmax(axis=1)
     cams = outputs[C.CAM]
     n, h, w = cams.shape
+    per_method = {name: list(outputs[C.CAMS][:, i].reshape(n, h * w).astype(np.float32))
+                  for i, name in enumerate(method_columns(methods))}
     return {
         "path": [path_text(p) for p in paths], "status": ["ok"] * n, "error": [None] * n,
         "width": [s[0] for s in sizes], "height": [s[1] for s in sizes],
@@ -107,7 +125,7 @@ def ok_rows(paths: list[str], sizes: list[tuple[int, int]], outputs: dict[str, n
         "target_class": outputs[C.TARGET_CLASS].astype(np.int32).tolist(),
         "target_score": outputs[C.TARGET_SCORE].astype(np.float32).tolist(),
         "cam": list(cams.reshape(n, h * w).astype(np.float32)),
-        "cam_height": [h] * n, "cam_width": [w] * n,
+        "cam_height": [h] * n, "cam_width": [w] * n, **per_method,
     }
 
 
@@ -118,11 +136,12 @@ def error_row(path: str, message: str) -> dict[str, list[Any]]:
     return row
 
 
-def batch_rows(batch: LoadedBatch, outputs: dict[str, np.ndarray] | None, labels: list[str]) -> dict[str, list[Any]]:
+def batch_rows(batch: LoadedBatch, outputs: dict[str, np.ndarray] | None, labels: list[str],
+               methods: Sequence[str] = ()) -> dict[str, list[Any]]:
     """Rows in input order: ok rows from the outputs, error rows where reading or decoding failed."""
     good = batch.good
     ok_columns = ok_rows([x.key for x in good], [(x.image.width, x.image.height) for x in good], outputs,
-                         labels) if good and outputs is not None else None
+                         labels, methods) if good and outputs is not None else None
     parts: list[dict[str, list[Any]]] = []
     position = 0
     for x in batch.loaded:
@@ -134,16 +153,17 @@ def batch_rows(batch: LoadedBatch, outputs: dict[str, np.ndarray] | None, labels
     return concat(parts)
 
 
-def to_table(columns: dict[str, list[Any]]) -> pa.Table:
-    """Columns -> a table with the results schema (the cam lists become one contiguous float32 buffer)."""
+def to_table(columns: dict[str, list[Any]], schema: pa.Schema = SCHEMA) -> pa.Table:
+    """Columns -> a table with the results schema (each CAM list column one contiguous float32 buffer); a column
+    the rows lack, such as a method column of a shard of error rows only, is all null."""
     arrays = []
-    for field in SCHEMA:
-        values = columns[field.name]
-        if field.name == "cam":
+    for field in schema:
+        values = columns.get(field.name, [None] * len(columns["path"]))
+        if pa.types.is_list(field.type):
             arrays.append(_cam_array(values))
         else:
             arrays.append(pa.array(values, type=field.type))
-    return pa.Table.from_arrays(arrays, schema=SCHEMA)
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def _cam_array(values: list[np.ndarray | None]) -> pa.Array:
@@ -234,9 +254,12 @@ def shard_base(path: Path) -> str:
 
 
 def concat(columns: Iterable[dict[str, list[Any]]]) -> dict[str, list[Any]]:
-    """Append column dicts in order."""
-    out: dict[str, list[Any]] = {name: [] for name in SCHEMA.names}
-    for part in columns:
-        for name in SCHEMA.names:
-            out[name].extend(part[name])
+    """Append column dicts in order; a column some parts lack (error rows have no method columns) is None there."""
+    parts = list(columns)
+    names = list(dict.fromkeys([*SCHEMA.names, *(name for part in parts for name in part)]))
+    out: dict[str, list[Any]] = {name: [] for name in names}
+    for part in parts:
+        rows = len(part["path"])
+        for name in names:
+            out[name].extend(part.get(name, [None] * rows))
     return out

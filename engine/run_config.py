@@ -24,6 +24,7 @@ class RunConfig:
     batch_size: int = 32
     target: str = "predicted"        # predicted | class index | class name
     overlays: str = "none"           # none | all | N (the first N images)
+    overlay_method: str | None = None  # the CAM method overlays show; None: the artifact's first
     workers: int = 0                 # decode threads; 0 = one per core
     shard_size: int = 4096           # rows per Parquet shard (also the resume granularity)
     commit_seconds: float = 60.0     # a shard is also committed once its first row is this old: bounds a kill's loss
@@ -72,6 +73,16 @@ def resolve_target(target: str, class_names: list[str]) -> int:
     if target in class_names:
         return class_names.index(target)
     raise RunError(f"--target {target!r}: not 'predicted', an index, or a class name ({', '.join(class_names[:20])})")
+
+
+def resolve_overlay_method(name: str | None, methods: Sequence[str]) -> int:
+    """--overlay-method -> the index of that method among the artifact's (0, the first, when not given)."""
+    if name is None:
+        return 0
+    if name not in methods:
+        raise RunError(f"--overlay-method {name}: the artifact has no such CAM method; it has {', '.join(methods)} "
+                       "(gradcam export --methods chooses them)")
+    return list(methods).index(name)
 
 
 def parse_overlays(spec: str) -> int:

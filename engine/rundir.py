@@ -91,7 +91,7 @@ def fingerprint(config: RunConfig, artifact_sum: str, class_index: int, precisio
     absolute and resolved, so the same run spelled differently resumes (run.json keeps them as typed too)."""
     return {"artifact_sha256": artifact_sum, "inputs": [normalise_spec(str(s)) for s in config.inputs],
             "backend": config.session.backend, "precision": precision, "class_index": class_index,
-            "overlays": config.overlays}
+            "overlays": config.overlays, "overlay_method": config.overlay_method}
 
 
 def library_versions() -> dict[str, str]:

@@ -306,11 +306,12 @@ class GradCAMSession:
             class_index = np.concatenate([class_index, np.repeat(class_index[-1:], fixed - n)])
         return Prepared(n=n, feed=self.backend.prepare(images, class_index))
 
-    def run_prepared(self, prepared: Prepared, outputs: tuple[str, ...] = C.ENGINE_OUTPUTS) -> Arrays:
-        """Run a staged batch; padding rows are cut off. Fewer outputs (predictions alone, to score perturbed
-        images) spare copying the rest back."""
-        out = self.backend.run_prepared(prepared.feed, outputs)
+    def run_prepared(self, prepared: Prepared, outputs: tuple[str, ...] | None = None) -> Arrays:
+        """Run a staged batch; padding rows are cut off. By default the engine's outputs for this artifact's CAM
+        methods; fewer (predictions alone, to score perturbed images) spare copying the rest back."""
+        wanted = C.engine_outputs(self.artifact.methods) if outputs is None else outputs
+        out = self.backend.run_prepared(prepared.feed, wanted)
         return {k: v[:prepared.n] for k, v in out.items()}
 
-    def __call__(self, batch: Arrays, outputs: tuple[str, ...] = C.ENGINE_OUTPUTS) -> Arrays:
+    def __call__(self, batch: Arrays, outputs: tuple[str, ...] | None = None) -> Arrays:
         return self.run_prepared(self.prepare(batch), outputs)

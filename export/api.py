@@ -14,6 +14,7 @@ from gradcam_engine.engine import contract as C
 from gradcam_engine.engine.artifact import file_table
 from gradcam_engine.engine.errors import first_line
 from gradcam_engine.export.errors import ExportError
+from gradcam_engine.export.methods import check_methods, summary
 
 ModelLike = Any  # a .keras/.h5 path, "module.py:function", a Keras or tf_keras model, or a (backbone, head) pair
 EXPORT_PRECISIONS = ("fp32", "fp16", "both")
@@ -34,6 +35,7 @@ class ExportOptions:
     score: str = "logit"                       # one of SCORES: "output" differentiates the softmax probability
     overwrite: bool = False
     verify_batch_sizes: tuple[int, ...] = field(default=(1, 3))
+    methods: tuple[str, ...] = (C.DEFAULT_METHOD,)  # CAM methods (export.methods), in output order; `cam` = the first
 
 
 @dataclass
@@ -160,6 +162,7 @@ def _check_options(options: ExportOptions) -> None:
         raise ExportError(f"unknown precision {options.precision!r}; choose {', '.join(EXPORT_PRECISIONS)}")
     if options.score not in SCORES:
         raise ExportError(f"unknown score {options.score!r}; choose {', '.join(SCORES)}")
+    check_methods(options.methods)
 
 
 def export_artifact(model: ModelLike, out: str | Path, options: ExportOptions = ExportOptions()) -> dict[str, Any]:
@@ -256,7 +259,7 @@ def _fused_graph_with(parts: ModelParts, head: Any, options: ExportOptions, meta
     from gradcam_engine.export.to_onnx import convert
 
     module = FusedGradCAM(parts.backbone, head, parts.input_size, options.preprocessing,
-                          feature_key=parts.feature_key, tracked=parts.tracked)
+                          feature_key=parts.feature_key, tracked=parts.tracked, methods=options.methods)
     try:
         concrete = module.concrete_function()
     except ExportError:
@@ -290,7 +293,8 @@ def _check_onnx(proto: Any, fn: Any, size: tuple[int, int], options: ExportOptio
         onnx.checker.check_model(proto, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise ExportError(f"{precision} ONNX model failed onnx.checker: {first_line(e, 300)}") from None
-    return verify(fn, proto.SerializeToString(), size, options.verify_batch_sizes, precision=precision)
+    return verify(fn, proto.SerializeToString(), size, options.verify_batch_sizes, precision=precision,
+                  methods=options.methods)
 
 
 def _write_onnx(path: Path, proto: Any, fn: Any, size: tuple[int, int], options: ExportOptions,
@@ -320,7 +324,7 @@ def _write_fp16_saved_model(path: Path, parts: ModelParts, options: ExportOption
                 "; the fp16 ONNX is written")
     split = split_model(twin, options.layer)
     module = FusedGradCAM(split.backbone, KerasHead(split.head, options.score), parts.input_size,
-                          options.preprocessing, tracked=[twin], jit_compile=True)
+                          options.preprocessing, tracked=[twin], jit_compile=True, methods=options.methods)
     _save(module, path, module.concrete_function())
     return None
 
@@ -355,8 +359,9 @@ def _manifest(parts: ModelParts, options: ExportOptions, facts: GraphFacts, prec
         "head_gradient": getattr(parts.head, "strategy", "rules"),
         "score": parts.head.score,
         "cam": {"height": int(fm_shape[1]), "width": int(fm_shape[2]), "channels": int(fm_shape[3]),
-                "method": "gradcam: mean-pooled gradients as channel weights, weighted channel mean, ReLU, "
-                          "divided by the per-image max (0 where the max is 0)"},
+                "method": f"{options.methods[0]}: {summary(options.methods[0])}; ReLU, divided by the per-image max "
+                          "(0 where the max is 0)"},
+        "methods": list(options.methods),  # the maps in `cams` [N, M, h, w], in this order; `cam` is the first
         "outputs": [{"name": k, "dtype": facts.specs[k][0], "shape": dims(facts.specs[k][1])}
                     for k in C.OUTPUT_NAMES],
         "opset": options.opset,

@@ -1,7 +1,7 @@
 """The fused Grad-CAM graph: one tf.function from uint8 images to predictions, gradients and CAMs."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import tensorflow as tf
 
@@ -9,17 +9,8 @@ from gradcam_engine.engine import contract as C
 from gradcam_engine.export.errors import ExportError
 from gradcam_engine.export.frameworks import framework_of
 from gradcam_engine.export.head import CallableHead, KerasHead
+from gradcam_engine.export.methods import cam_maps
 from gradcam_engine.export.preprocess import preprocess
-
-
-def gradcam_map(feature_maps: tf.Tensor, gradients: tf.Tensor) -> tf.Tensor:
-    """The seed's Grad-CAM, batched: channel weights from pooled gradients, weighted channel mean, ReLU, max-norm."""
-    weights = tf.reduce_mean(gradients, axis=[1, 2])                               # (N, C)
-    cam = tf.reduce_mean(feature_maps * weights[:, tf.newaxis, tf.newaxis, :], -1)  # (N, h, w)
-    cam = tf.nn.relu(cam)
-    peak = tf.reduce_max(cam, axis=[1, 2], keepdims=True)                          # (N, 1, 1)
-    safe = tf.where(peak > 0, peak, tf.ones_like(peak))
-    return tf.where(peak > 0, cam / safe, tf.zeros_like(cam))                      # 0 where the map is all <= 0
 
 
 def missing_level(backbone: str, levels: list[str], key: str | None) -> ExportError:
@@ -41,6 +32,7 @@ def _saved_as_object(obj: Any) -> bool:
     return fw is None or fw.saved_as_object
 
 
+
 class FusedGradCAM(tf.Module):
     """Holds the model parts (so a SavedModel tracks their weights) and the one fused function.
 
@@ -50,7 +42,8 @@ class FusedGradCAM(tf.Module):
 
     def __init__(self, backbone: Callable[[tf.Tensor], Any], head: KerasHead | CallableHead,
                  input_size: tuple[int, int], preprocessing: str, feature_key: str | None = None,
-                 tracked: list[Any] | None = None, jit_compile: bool = False):
+                 tracked: list[Any] | None = None, jit_compile: bool = False,
+                 methods: Sequence[str] = (C.DEFAULT_METHOD,)):
         super().__init__(name="gradcam")
         self._parts = _Parts(backbone, head)
         trackable = tf.__internal__.tracking.Trackable
@@ -58,6 +51,7 @@ class FusedGradCAM(tf.Module):
                         if isinstance(t, trackable) and _saved_as_object(t)]
         self._feature_key = feature_key
         self._preprocessing = preprocessing
+        self._methods = tuple(methods)
         h, w = input_size
         self.gradcam = tf.function(self._gradcam, jit_compile=jit_compile or None, input_signature=[
             tf.TensorSpec([None, h, w, 3], tf.uint8, name=C.IMAGES),
@@ -104,8 +98,9 @@ class FusedGradCAM(tf.Module):
             onehot = tf.one_hot(target, num_classes, dtype=out.scores.dtype)  # d score / d scores
             score = tf.reduce_sum(out.scores * onehot, axis=-1)  # (N,)
             grads = out.pullback(onehot)                      # (N, h, w, C)
-        with tf.name_scope("cam"):
-            cam = gradcam_map(tf.cast(fm, tf.float32), tf.cast(grads, tf.float32))
+        with tf.name_scope("cam"):  # every method's map, from the same feature maps and gradients
+            maps = cam_maps(tf.cast(fm, tf.float32), tf.cast(grads, tf.float32), self._methods)  # M x (N, h, w)
+            cams = tf.stack(maps, axis=1)                     # (N, M, h, w)
 
         def f32(t: tf.Tensor, name: str) -> tf.Tensor:
             return tf.identity(tf.cast(t, tf.float32) if t.dtype.is_floating else t, name=name)
@@ -115,5 +110,6 @@ class FusedGradCAM(tf.Module):
             C.TARGET_SCORE: f32(score, C.TARGET_SCORE),
             C.FEATURE_MAPS: f32(fm, C.FEATURE_MAPS),
             C.GRADIENTS: f32(grads, C.GRADIENTS),
-            C.CAM: f32(cam, C.CAM),
+            C.CAM: f32(maps[0], C.CAM),
+            C.CAMS: f32(cams, C.CAMS),
         }

@@ -59,7 +59,7 @@ def _fold_captured_constants(proto: onnx.ModelProto, concrete: Any) -> None:
 
 
 def verify(fn: Any, model_bytes: bytes, input_size: tuple[int, int], batch_sizes: tuple[int, ...] = (1, 3),
-           precision: str = "fp32", seed: int = 0) -> dict[str, Any]:
+           precision: str = "fp32", seed: int = 0, methods: tuple[str, ...] = (C.DEFAULT_METHOD,)) -> dict[str, Any]:
     """Run ONNX Runtime and TensorFlow side by side on random images; refuse a graph that disagrees."""
     import onnxruntime as ort
 
@@ -69,17 +69,17 @@ def verify(fn: Any, model_bytes: bytes, input_size: tuple[int, int], batch_sizes
         raise ExportError(f"the {precision} ONNX graph does not load in ONNX Runtime: {first_line(e, 300)}") from None
     rng = np.random.default_rng(seed)
     runs = []
+    names = C.ENGINE_OUTPUTS + (C.CAMS,)  # every method's map is checked, not only the first
     for n in batch_sizes:
         images = rng.integers(0, 256, size=(n, *input_size, 3), dtype=np.uint8)
         ref = {k: v.numpy() for k, v in fn(tf.constant(images), tf.constant(np.full((n,), -1, np.int32))).items()}
         class_index = ref[C.TARGET_CLASS].astype(np.int32)  # the same class for both, so CAMs are comparable
         try:
-            got = dict(zip(C.ENGINE_OUTPUTS, session.run(list(C.ENGINE_OUTPUTS),
-                                                         {C.IMAGES: images, C.CLASS_INDEX: class_index})))
+            got = dict(zip(names, session.run(list(names), {C.IMAGES: images, C.CLASS_INDEX: class_index})))
         except Exception as e:  # onnxruntime raises its own exception types
             raise ExportError(f"the {precision} ONNX graph does not run in ONNX Runtime: {first_line(e, 300)}") \
                 from None
-        runs.append(compare(ref, got))
+        runs.append(compare(ref, got, methods))
     worst = worst_of(runs)
     failed = failures(worst, precision)
     if failed:

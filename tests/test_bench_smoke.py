@@ -150,13 +150,13 @@ def test_ratios_are_computed_from_the_medians(bench_run: dict[str, Any]) -> None
 
 
 def test_targets_state_value_goal_and_a_verdict_that_follows_from_them(bench_run: dict[str, Any]) -> None:
-    from gradcam_engine.bench.report.markdown import (END_TO_END_TARGET, MEMORY_GROWTH_TARGET, SPEEDUP_TARGET,
-                                                      TAX_TARGET)
+    from gradcam_engine.bench.report.markdown import (END_TO_END_TARGET, MEMORY_GROWTH_TARGET, METHODS_TARGET,
+                                                      SPEEDUP_TARGET, TAX_TARGET)
 
     targets = bench_run["json"]["targets"]
-    goals = [SPEEDUP_TARGET, TAX_TARGET, END_TO_END_TARGET, MEMORY_GROWTH_TARGET]
+    goals = [SPEEDUP_TARGET, TAX_TARGET, END_TO_END_TARGET, MEMORY_GROWTH_TARGET, METHODS_TARGET]
     assert len(targets) == len(goals)
-    for t, goal in zip(targets, goals[:3]):
+    for t, goal in zip(targets[:3] + targets[4:], goals[:3] + goals[4:]):
         assert t["measured"] is not None and t["goal"]
         assert t["met"] is (t["measured"] >= goal), t
     memory = targets[3]
@@ -191,10 +191,11 @@ def test_verdicts_on_known_figures(figures: tuple, verdicts: list[bool]) -> None
     from gradcam_engine.bench.report.markdown import targets
 
     got = targets(_report(*figures))
-    assert [t["met"] for t in got] == verdicts, got
+    assert [t["met"] for t in got] == [*verdicts, None], got  # no methods contender here: not measured
     reference, gradcam, forward, e2e, model_only, (small, large) = figures
-    assert [t["measured"] for t in got] == pytest.approx([gradcam / reference, gradcam / forward, e2e / model_only,
-                                                          large / small - 1])
+    assert [t["measured"] for t in got[:4]] == pytest.approx([gradcam / reference, gradcam / forward,
+                                                              e2e / model_only, large / small - 1])
+    assert got[4]["measured"] is None
 
 
 def test_markdown_has_a_row_per_timed_configuration_and_the_targets(bench_run: dict[str, Any]) -> None:
@@ -203,7 +204,7 @@ def test_markdown_has_a_row_per_timed_configuration_and_the_targets(bench_run: d
     for r in bench_run["json"]["results"]:
         assert any(line.startswith(f"| {r['contender']} |") and f"| {r['batch_size']} |" in line for line in rows)
     verdicts = [line for line in text.splitlines() if line.startswith(("- MET:", "- MISSED:"))]
-    assert len(verdicts) == 4
+    assert len(verdicts) == 5
     assert "vs reference" in text and "vs forward-only" in text
 
 

@@ -17,6 +17,7 @@ from gradcam_engine.bench.tools import gpu_check
 from gradcam_engine.bench.tools.onnx_weights import fill_weights, strip_weights
 from gradcam_engine.engine import contract as C
 from gradcam_engine.export.fp16 import to_fp16
+from gradcam_engine.export.methods import method_names
 from engine_support import lively, pearson
 
 
@@ -80,7 +81,10 @@ def test_dry_run_reports_every_figure_the_gpu_check_needs(dry_run: dict[str, Any
     for r in rows:
         assert r["gradcam_img_s"] > 0 and r["forward_img_s"] > 0
         assert r["ratio"] == pytest.approx(r["gradcam_img_s"] / r["forward_img_s"])
-    assert set(report["fp16_parity"]) == {"images", "top1_agreement", "cam_min_correlation", "cam_max_abs_diff"}
+    assert set(report["fp16_parity"]) == {"images", "top1_agreement", "cam_min_correlation", "cam_max_abs_diff",
+                                          "methods", "cams_max_abs_diff", "cams_min_correlation"}
+    assert set(report["fp16_parity"]["cams_min_correlation"]) == set(report["fp16_parity"]["methods"]) == \
+        set(method_names())  # every method's fp16 map is checked on the GPU too
     assert report["end_to_end"]["images"] == 24 and report["end_to_end"]["end_to_end_img_s"] > 0
     assert [e["batch"] for e in report["engine_host_fed"]] == [2, 4]
     assert report["best_model_only"]["gradcam_img_s"] == max(r["gradcam_img_s"] for r in rows)

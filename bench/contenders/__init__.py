@@ -1,7 +1,8 @@
 """The contenders: each one a name and a call `(images uint8 [N,H,W,3], class_index int32 [N]) -> outputs`.
 
-Grad-CAM contenders return the engine's outputs (predictions, target_class, target_score, cam); forward-only ones
-return predictions. Each is built once (sessions created, graphs loaded, weights resident) before any timing.
+Grad-CAM contenders return the engine's outputs (predictions, target_class, target_score, cam); the all-methods
+ones add every method's map (cams), from an artifact exported with them; forward-only ones return predictions. Each
+is built once (sessions created, graphs loaded, weights resident) before any timing.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ Array = np.ndarray
 Call = Callable[[Array, Array], dict[str, Array]]
 
 REFERENCE, GRADCAM, FORWARD = "reference", "gradcam", "forward"
+METHODS = "methods"  # Grad-CAM and every other CAM method, from one graph: what the extra methods cost
 
 
 @dataclass
@@ -25,7 +27,7 @@ class Contender:
     """One way of computing the outputs, ready to call."""
 
     name: str          # "gradcam onnx-cpu", "forward tf-xla-cpu", "reference tf-eager-cpu"
-    kind: str          # reference | gradcam | forward
+    kind: str          # reference | gradcam | methods | forward
     runtime: str       # onnx-cpu | onnx-cuda | tf-cpu | tf-xla-cpu | tf-eager-cpu | ...
     precision: str     # fp32 | fp16
     call: Call
@@ -48,8 +50,10 @@ def _ort_device(session: Any) -> str:
     return "cuda" if "CUDAExecutionProvider" in session.get_providers() else "cpu"
 
 
-def onnx_gradcam(artifact: Artifact, device: str = "cpu", precision: str = "fp32", threads: int = 0) -> Contender:
-    """The fused graph in ONNX Runtime, through the engine's own session (as `gradcam run` uses it)."""
+def onnx_gradcam(artifact: Artifact, device: str = "cpu", precision: str = "fp32", threads: int = 0,
+                 kind: str = GRADCAM) -> Contender:
+    """The fused graph in ONNX Runtime, through the engine's own session (as `gradcam run` uses it: with several
+    methods it fetches `cams` too)."""
     from gradcam_engine.engine.session import GradCAMSession, SessionOptions
 
     session = GradCAMSession(artifact, SessionOptions(backend="onnx", device=device, threads=threads,
@@ -58,7 +62,7 @@ def onnx_gradcam(artifact: Artifact, device: str = "cpu", precision: str = "fp32
     def call(images: Array, class_index: Array) -> dict[str, Array]:
         return session({C.IMAGES: images, C.CLASS_INDEX: class_index})
     runtime = f"onnx-{session.device}"
-    return Contender(_name(GRADCAM, runtime, precision), GRADCAM, runtime, precision, call, keep=session)
+    return Contender(_name(kind, runtime, precision), kind, runtime, precision, call, keep=session)
 
 
 def onnx_forward(path: Path, device: str = "cpu", threads: int = 0) -> Contender:
@@ -89,7 +93,8 @@ def load_saved_model(artifact: Artifact, device: str = "cpu", precision: str = "
         return tf.saved_model.load(str(artifact.path(folder)))
 
 
-def tf_gradcam(loaded: Any, jit: bool = False, device: str = "cpu", precision: str = "fp32") -> Contender:
+def tf_gradcam(loaded: Any, jit: bool = False, device: str = "cpu", precision: str = "fp32",
+               kind: str = GRADCAM, outputs: tuple[str, ...] = C.ENGINE_OUTPUTS) -> Contender:
     """The fused graph's SavedModel signature, called as the engine's TF backend calls it; jit=True compiles the
     same signature with XLA."""
     import tensorflow as tf
@@ -99,7 +104,7 @@ def tf_gradcam(loaded: Any, jit: bool = False, device: str = "cpu", precision: s
 
     def engine_outputs(images: tf.Tensor, class_index: tf.Tensor) -> dict[str, tf.Tensor]:
         out = signature(**{C.IMAGES: images, C.CLASS_INDEX: class_index})
-        return {k: out[k] for k in C.ENGINE_OUTPUTS}
+        return {k: out[k] for k in outputs}
     fn = tf.function(engine_outputs, jit_compile=True) if jit else engine_outputs
 
     def call(images: Array, class_index: Array) -> dict[str, Array]:
@@ -107,7 +112,7 @@ def tf_gradcam(loaded: Any, jit: bool = False, device: str = "cpu", precision: s
             out = fn(tf.constant(images), tf.constant(class_index))
         return {k: v.numpy() for k, v in out.items()}
     runtime = f"tf-xla-{suffix}" if jit else f"tf-{suffix}"
-    return Contender(_name(GRADCAM, runtime, precision), GRADCAM, runtime, precision, call, keep=loaded)
+    return Contender(_name(kind, runtime, precision), kind, runtime, precision, call, keep=loaded)
 
 
 def tf_forward(model: Any, preprocessing: str, input_size: tuple[int, int], jit: bool = False,
@@ -145,7 +150,7 @@ def reference_contender(model: Any, target_layer: str, preprocessing: str) -> Co
 class Spec:
     """Which contender: enough to build it here or in a fresh process (see bench.memory_worker)."""
 
-    kind: str                 # reference | gradcam | forward
+    kind: str                 # reference | gradcam | methods | forward
     backend: str              # reference | onnx | tf | tf-xla
     device: str = "cpu"
     precision: str = "fp32"
@@ -160,6 +165,7 @@ class Sources:
     preprocessing: str
     forward_onnx: str | None   # the forward-only ONNX graph, written beforehand by bench.forward
     threads: int = 0
+    methods_artifact: str | None = None  # the same model exported with every method (the methods contenders)
 
 
 def make(spec: Spec, sources: Sources, shared: dict[str, Any] | None = None) -> Contender:
@@ -179,6 +185,8 @@ def make(spec: Spec, sources: Sources, shared: dict[str, Any] | None = None) -> 
 
     if spec.kind == REFERENCE:
         return reference_contender(keras_model(), artifact.manifest["target_layer"], sources.preprocessing)
+    if spec.kind == METHODS:
+        return _methods(spec, sources, shared)
     if spec.kind == GRADCAM and spec.backend == "onnx":
         return onnx_gradcam(artifact, spec.device, spec.precision, sources.threads)
     if spec.kind == FORWARD and spec.backend == "onnx":
@@ -190,3 +198,17 @@ def make(spec: Spec, sources: Sources, shared: dict[str, Any] | None = None) -> 
             shared[key] = load_saved_model(artifact, spec.device, spec.precision)
         return tf_gradcam(shared[key], jit, spec.device, spec.precision)
     return tf_forward(keras_model(), sources.preprocessing, artifact.input_size, jit, spec.device)
+
+
+def _methods(spec: Spec, sources: Sources, shared: dict[str, Any]) -> Contender:
+    """The all-methods contender of a runtime: the methods artifact, run exactly as its Grad-CAM-only twin."""
+    from gradcam_engine.engine.artifact import load_artifact
+
+    artifact = load_artifact(str(sources.methods_artifact), verify=[])
+    if spec.backend == "onnx":
+        return onnx_gradcam(artifact, spec.device, spec.precision, sources.threads, kind=METHODS)
+    key = f"methods_saved_model:{spec.device}:{spec.precision}"
+    if key not in shared:
+        shared[key] = load_saved_model(artifact, spec.device, spec.precision)
+    return tf_gradcam(shared[key], spec.backend == "tf-xla", spec.device, spec.precision, kind=METHODS,
+                      outputs=C.engine_outputs(artifact.methods))

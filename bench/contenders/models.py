@@ -88,7 +88,7 @@ def cache_key(spec: str, preprocessing: str, precision: str, seed: int) -> str:
 
 
 def _export_cached(keras_path: Path, folder: Path, preprocessing: str, precision: str,
-                   class_names: tuple[str, ...] | None) -> float:
+                   class_names: tuple[str, ...] | None, methods: tuple[str, ...] = (C.DEFAULT_METHOD,)) -> float:
     """Export into folder/artifact unless a complete one is there; returns the seconds spent exporting."""
     from gradcam_engine.export import ExportOptions, export_artifact
 
@@ -97,8 +97,20 @@ def _export_cached(keras_path: Path, folder: Path, preprocessing: str, precision
         return 0.0
     start = time.perf_counter()
     export_artifact(str(keras_path), artifact, ExportOptions(preprocessing=preprocessing, precision=precision,
-                                                             class_names=class_names, overwrite=True))
+                                                             class_names=class_names, overwrite=True,
+                                                             methods=methods))
     return time.perf_counter() - start
+
+
+def methods_artifact(model: BenchModel, methods: tuple[str, ...]) -> tuple[Path, float]:
+    """The bench model exported again with these CAM methods, cached beside its plain export; (artifact, seconds
+    spent exporting, 0.0 from the cache)."""
+    if model.keras_path is None:
+        raise BenchError("an artifact directory cannot be re-exported with other CAM methods; pass --model FILE.keras")
+    folder = model.cache / f"methods-{'-'.join(methods)}"
+    names = tuple(json.loads((model.artifact / C.MANIFEST).read_text()).get("class_names") or ()) or None
+    seconds = _export_cached(model.keras_path, folder, model.preprocessing, "fp32", names, methods)
+    return folder / ARTIFACT_DIR, seconds
 
 
 def prepare_model(spec: str, work_dir: Path, preprocessing: str = "none", precision: str = "fp32",

@@ -111,3 +111,53 @@ def gradcam_reference(images: Array, class_index: Array, parts: ReferenceParts) 
         rows["gradients"].append(grads.numpy()[0])
         rows["cam"].append(cam.astype(np.float32))
     return {k: np.stack(v) for k, v in rows.items()}
+
+
+# --- every CAM method, in numpy, from the reference's feature maps and gradients ----------------------------------
+# Written from the formulas (pytorch-grad-cam 1.5.7's), independently of export/methods.py: float64, per-image SVD
+# instead of power iteration, the papers' plain rules instead of the graph's guards. A [N, h, w, C], G likewise.
+def _gradcampp(A: Array, G: Array) -> Array:
+    g2, g3 = G ** 2, G ** 3
+    with np.errstate(divide="ignore", invalid="ignore"):
+        alpha = g2 / (2 * g2 + A.sum(axis=(1, 2), keepdims=True) * g3 + 1e-6)
+    alpha = np.where(G != 0, alpha, 0.0)
+    return np.einsum("nhwc,nc->nhw", A, (np.maximum(G, 0) * alpha).sum(axis=(1, 2)))
+
+
+def _xgradcam(A: Array, G: Array) -> Array:
+    weights = (G * A / (A.sum(axis=(1, 2), keepdims=True) + 1e-7)).sum(axis=(1, 2))
+    return np.einsum("nhwc,nc->nhw", A, weights)
+
+
+def _eigencam(A: Array, G: Array) -> Array:
+    maps = []
+    for a in A:
+        x = a.reshape(-1, a.shape[-1])
+        x = x - x.mean(axis=0)                                     # channel-centred
+        projection = x @ np.linalg.svd(x, full_matrices=False)[2][0]  # on the first right singular vector
+        total = a.sum(axis=-1).reshape(-1)
+        if projection @ (total - total.mean()) < 0:                # SVD's sign is arbitrary: follow sum_c A
+            projection = -projection
+        maps.append(projection.reshape(a.shape[:2]))
+    return np.stack(maps)
+
+
+METHOD_FORMULAS: dict[str, Callable[[Array, Array], Array]] = {
+    "gradcam": lambda A, G: np.einsum("nhwc,nc->nhw", A, G.mean(axis=(1, 2))),
+    "gradcampp": _gradcampp,
+    "xgradcam": _xgradcam,
+    "hirescam": lambda A, G: (G * A).sum(axis=-1),
+    "layercam": lambda A, G: (np.maximum(G, 0) * A).sum(axis=-1),
+    "eigencam": _eigencam,
+}
+
+
+def reference_maps(feature_maps: Array, gradients: Array, methods: tuple[str, ...] | list[str]) -> Array:
+    """Every method's map [N, M, h, w] from per-image feature maps and gradients: ReLU, then / per-image max."""
+    A, G = feature_maps.astype(np.float64), gradients.astype(np.float64)
+    maps = []
+    for name in methods:
+        cam = np.maximum(METHOD_FORMULAS[name](A, G), 0.0)
+        peak = cam.max(axis=(1, 2), keepdims=True)
+        maps.append(np.where(peak > 0, cam / np.where(peak > 0, peak, 1.0), 0.0))
+    return np.stack(maps, axis=1)

@@ -15,10 +15,11 @@ from gradcam_engine.export.parity import failures
 Array = np.ndarray
 
 
-def compare(expected: dict[str, Array], got: dict[str, Array], precision: str = "fp32") -> dict[str, object]:
+def compare(expected: dict[str, Array], got: dict[str, Array], precision: str = "fp32",
+            methods: tuple[str, ...] = ()) -> dict[str, object]:
     """The parity figures against the expected outputs, and whether all are within the precision's tolerance (a top-1
-    mismatch fails too: the same images must get the same answer)."""
-    figures = parity_figures(expected, got)
+    mismatch fails too: the same images must get the same answer); with `methods`, every method's map too."""
+    figures = parity_figures(expected, got, methods)
     ok = not failures(figures, precision) and figures["top1_agreement"] == 1.0
     return {**figures, "ok": bool(ok)}
 

@@ -40,6 +40,8 @@ class Timing:
 
     unit: Unit
     rep_seconds: list[float] = field(default_factory=list)
+    rep_cpu_seconds: list[float] = field(default_factory=list)  # this process' CPU time per repetition: on a shared
+                                                                # machine, less disturbed by others than wall time
     batch_seconds: list[float] = field(default_factory=list)
     run_peak_mb: float = 0.0         # highest (peak during a repetition - resident before it)
     peak_rss_mb: float = 0.0         # highest absolute peak during a repetition
@@ -61,9 +63,10 @@ def batched_run(call: Callable[[Array, Array], object], images: Array, class_ind
 def _timed(unit: Unit, timing: Timing) -> None:
     before = rss_mb()
     reset_peak()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     batches = unit.run()
     timing.rep_seconds.append(time.perf_counter() - start)
+    timing.rep_cpu_seconds.append(time.process_time() - cpu)
     timing.batch_seconds.extend(batches)
     peak = peak_mb()
     timing.run_peak_mb = max(timing.run_peak_mb, peak - before)

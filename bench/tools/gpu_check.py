@@ -9,9 +9,10 @@ Two steps, because the GPU machine has ONNX Runtime but no TensorFlow:
            (a checkout that is not installed imports as gradcam_engine through a link:
             mkdir -p /tmp/ns && ln -sfn "$PWD" /tmp/ns/gradcam_engine && export PYTHONPATH=/tmp/ns)
            refills the weights (seeded), derives the fp16 graphs with export/fp16.py, and measures, side by side
-           in one process: model-only Grad-CAM vs forward-only img/s for fp32/fp16, host-fed vs IO binding;
+           in one process: model-only Grad-CAM vs forward-only img/s for fp32/fp16, host-fed vs IO binding, and
+           the same graph with every CAM method vs Grad-CAM alone;
            the engine's own pipelined host-fed path (and CUDA graphs); end to end from JPEG files when Pillow and
-           pyarrow are there; and fp16 parity against fp32.
+           pyarrow are there; and fp16 parity against fp32, every method's map included.
 
 `check --dry-run` runs the same code on the CPU with tiny sizes (the tests do), so the script is known to work
 before device time is spent.
@@ -34,12 +35,13 @@ import onnx
 from gradcam_engine.engine import contract as C
 from gradcam_engine.engine.artifact import file_table
 
-FUSED, FORWARD = "fused.onnx", "forward.onnx"
+FUSED, FORWARD, FUSED_METHODS, METHODS_JSON = "fused.onnx", "forward.onnx", "fused_methods.onnx", "methods.json"
 
 
 # --- here: export and strip -------------------------------------------------------------------------------------
-def prepare(model_spec: str, out: Path, preprocessing: str) -> Path:
-    """Export fused + forward-only graphs of one model and write them weight-stripped into `out`."""
+def prepare(model_spec: str, out: Path, preprocessing: str, methods: tuple[str, ...] | None = None) -> Path:
+    """Export fused (Grad-CAM alone, and with every CAM method) + forward-only graphs of one model and write them
+    weight-stripped into `out`."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
     import tensorflow as tf
@@ -47,6 +49,7 @@ def prepare(model_spec: str, out: Path, preprocessing: str) -> Path:
 
     from gradcam_engine.bench.tools.onnx_weights import strip_weights
     from gradcam_engine.export import ExportOptions, export_artifact
+    from gradcam_engine.export.methods import method_names
     from gradcam_engine.export.preprocess import preprocess
 
     if model_spec == "seed-resnet50":
@@ -59,6 +62,9 @@ def prepare(model_spec: str, out: Path, preprocessing: str) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         manifest = export_artifact(model, Path(tmp) / "a", ExportOptions(preprocessing=preprocessing))
         fused = onnx.load(str(Path(tmp) / "a" / C.ONNX_FILE))
+        methods = methods or method_names()
+        export_artifact(model, Path(tmp) / "m", ExportOptions(preprocessing=preprocessing, methods=methods))
+        fused_methods = onnx.load(str(Path(tmp) / "m" / C.ONNX_FILE))
     h, w = manifest["input"]["height"], manifest["input"]["width"]
 
     @tf.function(input_signature=[tf.TensorSpec([None, h, w, 3], tf.uint8, name=C.IMAGES)])
@@ -72,6 +78,8 @@ def prepare(model_spec: str, out: Path, preprocessing: str) -> Path:
     proto, _ = tf2onnx.convert.from_function(forward, input_signature=forward.input_signature, opset=17)
     onnx.save(strip_weights(fused), str(out / FUSED))
     onnx.save(strip_weights(proto), str(out / FORWARD))
+    onnx.save(strip_weights(fused_methods), str(out / FUSED_METHODS))
+    (out / METHODS_JSON).write_text(json.dumps(list(methods)))
     (out / C.MANIFEST).write_text(json.dumps(manifest, indent=2))
     return out
 
@@ -95,7 +103,18 @@ def rebuild(prepared: Path, work: Path, seed: int = 0) -> dict[str, Path]:
     manifest["precision"] = {C.ONNX_FILE: "fp32", C.ONNX_FP16_FILE: "fp16"}
     manifest["files"] = file_table(artifact, [C.ONNX_FILE, C.ONNX_FP16_FILE])
     (artifact / C.MANIFEST).write_text(json.dumps(manifest, indent=2))
-    return {"artifact": artifact, "forward_fp32": work / "forward.onnx", "forward_fp16": work / "forward_fp16.onnx"}
+    paths = {"artifact": artifact, "forward_fp32": work / "forward.onnx", "forward_fp16": work / "forward_fp16.onnx"}
+    if (prepared / FUSED_METHODS).is_file():  # a folder prepared before there were several methods has none
+        methods = fill_weights(onnx.load(str(prepared / FUSED_METHODS)), seed)
+        onnx.save(methods, str(work / "methods.onnx"))
+        onnx.save(to_fp16(methods), str(work / "methods_fp16.onnx"))
+        paths.update(methods_fp32=work / "methods.onnx", methods_fp16=work / "methods_fp16.onnx")
+    return paths
+
+
+def prepared_methods(prepared: Path) -> tuple[str, ...]:
+    """The CAM methods of the prepared all-methods graph; () for a folder prepared before there were several."""
+    return tuple(json.loads((prepared / METHODS_JSON).read_text())) if (prepared / METHODS_JSON).is_file() else ()
 
 
 def _session(path: Path, device: str) -> Any:
@@ -140,25 +159,31 @@ def _rates(calls: dict[str, Callable[[], None]], batch: int, reps: int, warmup: 
             for k, v in times.items()}
 
 
-def model_only(paths: dict[str, Path], device: str, batch_sizes: list[int], reps: int, warmup: int
-               ) -> list[dict[str, Any]]:
-    """Grad-CAM vs forward-only, same precision, batch and feed."""
+def model_only(paths: dict[str, Path], device: str, batch_sizes: list[int], reps: int, warmup: int,
+               methods: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Grad-CAM vs forward-only, and every CAM method vs Grad-CAM alone, same precision, batch and feed."""
     rows = []
     rng = np.random.default_rng(0)
     for precision in ("fp32", "fp16"):
         fused = _session(paths["artifact"] / (C.ONNX_FILE if precision == "fp32" else C.ONNX_FP16_FILE), device)
         forward = _session(paths[f"forward_{precision}"], device)
+        many = _session(paths[f"methods_{precision}"], device) if methods else None
         h, w = fused.get_inputs()[0].shape[1:3]
         for batch in batch_sizes:
             images = rng.integers(0, 256, (batch, h, w, 3), dtype=np.uint8)
             for bound in (False, True):
                 feed = "io_binding" if bound else "host"
-                rates = _rates({"gradcam": _caller(fused, images, list(C.ENGINE_OUTPUTS), bound, device),
-                                "forward": _caller(forward, images, [C.PREDICTIONS], bound, device)},
-                               batch, reps, warmup)
+                calls = {"gradcam": _caller(fused, images, list(C.ENGINE_OUTPUTS), bound, device),
+                         "forward": _caller(forward, images, [C.PREDICTIONS], bound, device)}
+                if many is not None:
+                    calls["methods"] = _caller(many, images, list(C.engine_outputs(methods)), bound, device)
+                rates = _rates(calls, batch, reps, warmup)
                 rows.append({"precision": precision, "batch": batch, "feed": feed,
                              "gradcam_img_s": rates["gradcam"]["img_s"], "forward_img_s": rates["forward"]["img_s"],
                              "ratio": rates["gradcam"]["img_s"] / rates["forward"]["img_s"], "spread": rates})
+                if many is not None:
+                    rows[-1].update(methods_img_s=rates["methods"]["img_s"],
+                                    methods_vs_gradcam=rates["methods"]["img_s"] / rates["gradcam"]["img_s"])
     return rows
 
 
@@ -184,9 +209,10 @@ def engine_path(paths: dict[str, Path], device: str, batch: int, batches: int, c
             "img_s": batch * batches / seconds}
 
 
-def fp16_parity(paths: dict[str, Path], device: str, n: int) -> dict[str, Any]:
-    """fp16 vs fp32 on the same images and classes (random weights: CAM agreement is the meaningful figure)."""
-    from gradcam_engine.export.parity import cam_correlation
+def fp16_parity(paths: dict[str, Path], device: str, n: int, methods: tuple[str, ...] = ()) -> dict[str, Any]:
+    """fp16 vs fp32 on the same images and classes (random weights: CAM agreement is the meaningful figure); with
+    methods, every method's map too (Eigen-CAM where its direction is defined, see export.parity)."""
+    from gradcam_engine.export.parity import cam_correlation, compare
 
     full = _session(paths["artifact"] / C.ONNX_FILE, device)
     half = _session(paths["artifact"] / C.ONNX_FP16_FILE, device)
@@ -197,9 +223,19 @@ def fp16_parity(paths: dict[str, Path], device: str, n: int) -> dict[str, Any]:
     b = dict(zip(C.ENGINE_OUTPUTS, half.run(list(C.ENGINE_OUTPUTS), {C.IMAGES: images,
                                                                       C.CLASS_INDEX: a[C.TARGET_CLASS]})))
     top1 = b[C.PREDICTIONS].argmax(-1) == a[C.PREDICTIONS].argmax(-1)
-    return {"images": n, "top1_agreement": float(top1.mean()),
-            "cam_min_correlation": cam_correlation(a[C.CAM], b[C.CAM]),
-            "cam_max_abs_diff": float(np.abs(a[C.CAM] - b[C.CAM]).max())}
+    report = {"images": n, "top1_agreement": float(top1.mean()),
+              "cam_min_correlation": cam_correlation(a[C.CAM], b[C.CAM]),
+              "cam_max_abs_diff": float(np.abs(a[C.CAM] - b[C.CAM]).max())}
+    if methods:
+        names = [C.PREDICTIONS, C.TARGET_CLASS, C.FEATURE_MAPS, C.CAMS]
+        feed = {C.IMAGES: images, C.CLASS_INDEX: a[C.TARGET_CLASS]}
+        full_m = dict(zip(names, _session(paths["methods_fp32"], device).run(names, feed)))
+        half_m = dict(zip(names, _session(paths["methods_fp16"], device).run(names, feed)))
+        report["methods"] = list(methods)
+        report["cams_max_abs_diff"] = compare(full_m, half_m, methods)["cams_max_abs_diff"]
+        report["cams_min_correlation"] = {m: cam_correlation(full_m[C.CAMS][:, i], half_m[C.CAMS][:, i])
+                                          for i, m in enumerate(methods)}
+    return report
 
 
 def end_to_end(paths: dict[str, Path], device: str, work: Path, n: int, batch: int) -> dict[str, Any]:
@@ -246,14 +282,15 @@ def check(prepared: Path, batch_sizes: list[int], dry_run: bool, out_json: Path 
 
     device = "cuda" if cuda_available() and not dry_run else "cpu"
     reps, warmup, n_e2e = (2, 1, 24) if dry_run else (7, 3, 4000)
+    methods = prepared_methods(prepared)
     with tempfile.TemporaryDirectory() as tmp:
         paths = rebuild(prepared, Path(tmp))
         report: dict[str, Any] = {
             "date": time.strftime("%Y-%m-%d"), "gpu": gpu, "device": device,
             "command": "python -m gradcam_engine.bench.tools.gpu_check check " + " ".join(sys.argv[3:]),
-            "model_only": model_only(paths, device, batch_sizes, reps, warmup),
+            "model_only": model_only(paths, device, batch_sizes, reps, warmup, methods),
             "engine_host_fed": [engine_path(paths, device, b, 4 if dry_run else 50, False) for b in batch_sizes],
-            "fp16_parity": fp16_parity(paths, device, 8 if dry_run else 256),
+            "fp16_parity": fp16_parity(paths, device, 8 if dry_run else 256, methods),
         }
         if device == "cuda":
             report["engine_cuda_graph"] = [engine_path(paths, device, b, 50, True) for b in batch_sizes]
@@ -275,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="seed-resnet50")
     p.add_argument("--preprocess", default="none")
     p.add_argument("--out", type=Path, default=Path(".gpu"))
+    p.add_argument("--methods", nargs="+", help="CAM methods of the all-methods graph (default: every one)")
     c = sub.add_parser("check", help="measure (needs onnxruntime, ideally onnxruntime-gpu)")
     c.add_argument("prepared", type=Path)
     c.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 128, 256])
@@ -282,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if args.step == "prepare":
-        print(prepare(args.model, args.out, args.preprocess))
+        print(prepare(args.model, args.out, args.preprocess, tuple(args.methods) if args.methods else None))
     else:
         check(args.prepared, args.batch_sizes, args.dry_run, args.json)
     return 0
