@@ -25,6 +25,7 @@ EDITS: dict[str, tuple[Callable[[dict[str, Any]], Any], str]] = {
                                          '"num_classes" is 4 but'),
     "input size edited": (lambda m: m["input"].update(height=80), f"the input size is 80x{INPUT_SIZE[1]} but"),
     "no input": (lambda m: m.pop("input"), '"input" is missing'),
+    "a CAM method added": (lambda m: m.update(methods=[*m["methods"], "layercam"]), '"methods" is 2 methods but'),
     "an output shape edited": (lambda m: _cam_output(m)["shape"].__setitem__(1, 9), "the shape of output cam is"),
     "checksums emptied": (lambda m: m.update(files={}), '"files" lists no checksums'),
     "model file left out of the checksums": (lambda m: m["files"].pop("model.onnx"),
