@@ -3,6 +3,7 @@ installed name, and the wheel installs that name alone."""
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -68,8 +69,11 @@ def test_importing_the_core_loads_no_module_above_it() -> None:
 
 
 def test_the_wheel_installs_one_top_level_name(tmp_path: Path) -> None:
+    source = tmp_path / "source"  # a copy: building in place would leave build/ and egg-info in the checkout
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info",
+                                                                "__pycache__", ".pytest_cache", "demo_out"))
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                           str(tmp_path), str(REPO)], capture_output=True, text=True)
+                           str(tmp_path), str(source)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     (wheel,) = tmp_path.glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
