@@ -17,7 +17,8 @@ def _export(args: argparse.Namespace) -> int:
     options = ExportOptions(
         layer=args.layer, preprocessing=args.preprocess, opset=args.opset, precision=args.precision,
         class_names=read_class_names(args.classes) if args.classes else None,
-        input_size=args.input_size, overwrite=args.overwrite)
+        input_size=args.input_size, overwrite=args.overwrite, calibrate=args.calibrate,
+        calibration_images=args.calibration_images, keep_failing=args.keep_failing)
     manifest = export_artifact(args.model, args.out, options)
     print(summary(manifest, args.out))
     return 0
@@ -40,7 +41,28 @@ def summary(manifest: dict[str, Any], out: str) -> str:
                          f"top-1 agreement {check['top1_agreement']:.0%}")
         else:
             lines.append(f"  {file}: {check}")
-    return "\n".join(lines)
+    return "\n".join(lines + gate_lines(manifest))
+
+
+def gate_lines(manifest: dict[str, Any]) -> list[str]:
+    """The precision gate's figures for every reduced-precision file, passed or not."""
+    from gradcam_engine.export.gate import Verdict, summary as figures
+
+    gate = manifest.get("precision_gate")
+    if not gate:
+        return []
+    images = gate["images"]
+    lines = [f"  precision gate vs fp32 on {images['images']} {images['kind']}:"]
+    for label, entry in gate["results"].items():
+        verdict = Verdict(entry["precision"], entry["figures"], entry["failed"])
+        outcome = "passed" if entry["passed"] else \
+            f"FAILED {', '.join(entry['failed'])}" + (", kept (--keep-failing)" if entry.get("kept_although_failed")
+                                                     else ", not written")
+        front = entry.get("fp32_front", {})
+        kept32 = f"; first {front['convolutions']} of {front['of']} convolutions in fp32" \
+            if front.get("convolutions") else ""
+        lines.append(f"    {label} ({entry['precision']}): {figures(verdict)}: {outcome}{kept32}")
+    return lines
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -56,7 +78,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="input scaling built into the graph (caffe: ResNet50/VGG, tf: MobileNet, torch: DenseNet)")
     ex.add_argument("--classes", help="class names: a text file (one per line) or a JSON list")
     ex.add_argument("--opset", type=int, default=default(ExportOptions, "opset"))
-    ex.add_argument("--precision", default=default(ExportOptions, "precision"), choices=EXPORT_PRECISIONS)
+    ex.add_argument("--precision", default=default(ExportOptions, "precision"), metavar="LIST",
+                    help=f"comma list of {', '.join(EXPORT_PRECISIONS)} (both = fp32,fp16); fp32 is always written "
+                         "and every other precision is judged against it by the precision gate")
+    ex.add_argument("--calibrate", nargs="+", metavar="INPUT",
+                    help="your images (directory, glob, path list, .tar, URI, as `gradcam run` takes): int8 is "
+                         "calibrated on them and every reduced precision judged on a held-out quarter")
+    ex.add_argument("--calibration-images", type=int, default=default(ExportOptions, "calibration_images"),
+                    metavar="N", help="a deterministic sample of at most N of those images")
+    ex.add_argument("--keep-failing", action="store_true",
+                    help="write a reduced-precision file even when it misses the precision gate (figures recorded)")
     ex.add_argument("--input-size", type=size, help="HxW, for models whose input size is not fixed")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
     ex.set_defaults(handler=_export)

@@ -1,0 +1,223 @@
+"""The reduced-precision files of an artifact: each derived from the fp32 graph, judged by the precision gate
+(export.gate) against fp32 on the gate images, then written, or refused with the figure that failed and why.
+
+    fp16   model_fp16.onnx: the backbone in half precision; when full fp16 misses the gate, the front of the backbone
+           is kept in fp32, a growing fraction of its convolutions at a time (export.fp16.FRONT_FRACTIONS).
+           saved_model_fp16: the model's mixed_float16 twin (all of it in fp16); skipped, with its figures, when it
+           misses the gate and the fp16 ONNX does not.
+    int8   model_int8.onnx: the backbone quantized (export.int8), calibrated on the user's images (--calibrate).
+    bf16   no file: TensorFlow runs saved_model with oneDNN bf16 (engine.bf16); export records its figures.
+
+fp32 is always written: it is what every other file is derived from and judged against, and what every runtime runs.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from gradcam_engine.engine import contract as C
+from gradcam_engine.export.calibration import GateImages, list_calibration, load_gate_images
+from gradcam_engine.export.errors import ExportError
+from gradcam_engine.export.gate import Verdict, judge, refusal
+
+PRECISIONS = ("fp32", "fp16", "int8", "bf16")
+ALIASES = {"both": ("fp32", "fp16")}
+GATE_BATCH = 16
+Outputs = dict[str, np.ndarray]
+
+
+def parse_precisions(spec: str | Sequence[str]) -> tuple[str, ...]:
+    """'fp32,int8', 'both' or a list of names -> the precisions to export, fp32 first and always included."""
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    wanted = {"fp32"}
+    for name in (n.strip() for n in names if n.strip()):
+        if name in ALIASES:
+            wanted.update(ALIASES[name])
+        elif name in PRECISIONS:
+            wanted.add(name)
+        else:
+            raise ExportError(f"unknown precision {name!r}; give a comma list of {', '.join(PRECISIONS)} "
+                              f"(or {', '.join(ALIASES)})")
+    return tuple(p for p in PRECISIONS if p in wanted)
+
+
+def check_request(precision: str | Sequence[str], calibrate: Sequence[str] | None, images: int) -> None:
+    """Refuse, before any slow work, a request that can only fail later."""
+    wanted = parse_precisions(precision)
+    if "int8" in wanted and not calibrate:
+        raise ExportError("--precision int8 needs --calibrate IMAGES: int8 ranges are calibrated on your own images "
+                          "(a directory, glob, path list, .tar shard or URI, as `gradcam run` takes)")
+    if calibrate and wanted == ("fp32",):
+        raise ExportError("--calibrate is for reduced precisions: add fp16, int8 or bf16 to --precision")
+    if images < 1:
+        raise ExportError("--calibration-images must be at least 1")
+    if calibrate:
+        list_calibration(calibrate, images)  # a missing path or too few images, said now
+
+
+def run_onnx(model: bytes, images: np.ndarray, class_index: np.ndarray | None = None,
+             outputs: tuple[str, ...] = C.ENGINE_OUTPUTS) -> Outputs:
+    """A graph's outputs on images, in ONNX Runtime on the CPU, in batches."""
+    from gradcam_engine.engine.session import onnx_session
+
+    session = onnx_session(model, cuda=False)
+    return _batched(lambda x, c: dict(zip(outputs, session.run(list(outputs), {C.IMAGES: x, C.CLASS_INDEX: c}))),
+                    images, class_index)
+
+
+def _batched(call: Callable[[np.ndarray, np.ndarray], Outputs], images: np.ndarray,
+             class_index: np.ndarray | None) -> Outputs:
+    ci = np.full(len(images), -1, np.int32) if class_index is None else class_index.astype(np.int32)
+    parts = [call(images[i:i + GATE_BATCH], ci[i:i + GATE_BATCH]) for i in range(0, len(images), GATE_BATCH)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+@dataclass
+class Gate:
+    """The gate images and fp32's outputs on them, computed once and shared by every candidate."""
+
+    images: GateImages
+    reference: Outputs
+
+    def judge(self, precision: str, candidate: Callable[[np.ndarray, np.ndarray], Outputs],
+              notes: dict[str, Any] | None = None) -> Verdict:
+        """Run a candidate on the gate images (explaining fp32's classes, so CAMs compare) and judge it."""
+        from gradcam_engine.export.parity import precision_figures
+
+        got = _batched(candidate, self.images.held_out, self.reference[C.TARGET_CLASS])
+        return judge(precision, precision_figures(self.reference, got), notes)
+
+
+def write_reduced(root: Path, proto: Any, options: Any, precision: dict[str, str], checks: dict[str, Any],
+                  write_onnx: Callable[[Path, Any, str], dict[str, Any]],
+                  write_fp16_saved_model: Callable[[Path], str | None]) -> dict[str, Any] | None:
+    """Write every reduced precision the options ask for into root, each judged by the gate; returns the manifest's
+    precision_gate section (None when only fp32 was asked for). `precision` and `checks` are the manifest's
+    file -> precision map and verification figures, filled in here."""
+    wanted = parse_precisions(options.precision)
+    if wanted == ("fp32",):
+        return None
+    size = _input_size(proto)
+    images = load_gate_images(options.calibrate, options.calibration_images, size)
+    outputs = (*C.ENGINE_OUTPUTS, C.FEATURE_MAPS)
+    gate = Gate(images, run_onnx(proto.SerializeToString(), images.held_out, outputs=outputs))
+    results: dict[str, dict[str, Any]] = {}
+
+    def keep(label: str, verdict: Verdict) -> None:
+        """Record the verdict; refuse the export when the file fails and is not to be kept anyway."""
+        verdict.kept = not verdict.passed and options.keep_failing
+        results[label] = verdict.record()
+        if not verdict.passed and not options.keep_failing:
+            raise refusal(label, verdict, len(images.calibration))
+
+    if "fp16" in wanted:
+        half, verdict = _fp16_onnx(proto, gate)
+        keep(C.ONNX_FP16_FILE, verdict)
+        checks[C.ONNX_FP16_FILE] = write_onnx(root / C.ONNX_FP16_FILE, half, "fp16")
+        precision[C.ONNX_FP16_FILE] = "fp16"
+        _fp16_saved_model(root, gate, options, precision, checks, results, write_fp16_saved_model)
+    if "int8" in wanted:
+        from gradcam_engine.export.int8 import quantize_backbone
+
+        quantized, info = quantize_backbone(proto, images.calibration)
+        data = quantized.SerializeToString()
+        keep(C.ONNX_INT8_FILE, gate.judge("int8", _onnx_call(data), {"calibration": info}))
+        checks[C.ONNX_INT8_FILE] = write_onnx(root / C.ONNX_INT8_FILE, quantized, "int8")
+        precision[C.ONNX_INT8_FILE] = "int8"
+    if "bf16" in wanted:
+        keep(C.BF16_GATE_LABEL, _bf16(root / C.SAVED_MODEL_DIR, gate))
+    return {"images": images.source, "results": results}
+
+
+def _input_size(proto: Any) -> tuple[int, int]:
+    dims = next(i for i in proto.graph.input if i.name == C.IMAGES).type.tensor_type.shape.dim
+    return int(dims[1].dim_value), int(dims[2].dim_value)
+
+
+def _onnx_call(model: bytes) -> Callable[[np.ndarray, np.ndarray], Outputs]:
+    from gradcam_engine.engine.session import onnx_session
+
+    session = onnx_session(model, cuda=False)
+    names = list(C.ENGINE_OUTPUTS)
+    return lambda x, c: dict(zip(names, session.run(names, {C.IMAGES: x, C.CLASS_INDEX: c})))
+
+
+def _fp16_onnx(proto: Any, gate: Gate) -> tuple[Any, Verdict]:
+    """Full fp16 first; while the gate refuses it, keep a growing front of the backbone in fp32."""
+    from gradcam_engine.export.fp16 import backbone_convolutions, front_nodes, front_steps, to_fp16
+
+    total = backbone_convolutions(proto.graph)
+    for convolutions in [0, *front_steps(proto.graph)]:
+        keep32 = frozenset(front_nodes(proto.graph, convolutions)) if convolutions else frozenset()
+        half = to_fp16(proto, keep32)
+        front = {"convolutions": convolutions, "of": total, "nodes": len(keep32)}
+        verdict = gate.judge("fp16", _onnx_call(half.SerializeToString()), {"fp32_front": front})
+        if verdict.passed:
+            break
+    return half, verdict
+
+
+def _fp16_saved_model(root: Path, gate: Gate, options: Any, precision: dict[str, str], checks: dict[str, Any],
+                      results: dict[str, dict[str, Any]], write: Callable[[Path], str | None]) -> None:
+    """The mixed_float16 SavedModel, judged like the ONNX file; skipped with its figures when it misses the gate
+    (the twin is fp16 throughout: Keras offers no front in fp32 to fall back on)."""
+    path = root / C.SAVED_MODEL_FP16_DIR
+    note = write(path)
+    if note is not None:
+        checks[C.SAVED_MODEL_FP16_DIR] = note
+        return
+    verdict = gate.judge("fp16", _tf_call(path))
+    verdict.kept = not verdict.passed and options.keep_failing
+    results[C.SAVED_MODEL_FP16_DIR] = verdict.record()
+    if verdict.passed or options.keep_failing:
+        precision[C.SAVED_MODEL_FP16_DIR] = "mixed_float16"
+        return
+    shutil.rmtree(path)
+    checks[C.SAVED_MODEL_FP16_DIR] = (f"skipped: misses the precision gate ({', '.join(verdict.failed)}; figures in "
+                                      f"precision_gate); the fp16 ONNX is written; --keep-failing keeps it")
+
+
+def _tf_call(saved_model: Path) -> Callable[[np.ndarray, np.ndarray], Outputs]:
+    import tensorflow as tf
+
+    fn = tf.saved_model.load(str(saved_model)).signatures[C.SIGNATURE]
+
+    def call(images: np.ndarray, class_index: np.ndarray) -> Outputs:
+        out = fn(**{C.IMAGES: tf.constant(images), C.CLASS_INDEX: tf.constant(class_index)})
+        return {k: out[k].numpy() for k in C.ENGINE_OUTPUTS}
+    call.keep = fn  # type: ignore[attr-defined]  # the loaded object owns the variables the signature reads
+    return call
+
+
+def _bf16(saved_model: Path, gate: Gate) -> Verdict:
+    """The fp32 SavedModel under TensorFlow's oneDNN bf16, judged; refused outright when TensorFlow left it fp32."""
+    import tensorflow as tf
+
+    from gradcam_engine.engine.bf16 import require_onednn, tf_bfloat16
+    from gradcam_engine.engine.cpu import cpu_features, native_bf16
+    from gradcam_engine.engine.errors import RunError
+    from gradcam_engine.export.parity import TOLERANCES
+
+    try:
+        require_onednn()
+    except RunError as e:
+        raise ExportError(str(e).replace("--precision bf16", "bf16 check")) from None
+    fp32 = _tf_call(saved_model)
+
+    def call(images: np.ndarray, class_index: np.ndarray) -> Outputs:
+        with tf_bfloat16(tf):
+            return fp32(images, class_index)
+    cpu = {"native_bf16": native_bf16(), **cpu_features()}
+    verdict = gate.judge("bf16", call, {"runtime": "TensorFlow oneDNN auto_mixed_precision_onednn_bfloat16",
+                                       "cpu": cpu})
+    contract = TOLERANCES["fp32"]
+    figures = verdict.figures
+    if (figures["predictions_rel_diff"] <= contract["predictions_rel_diff"]
+            and figures["cam_max_abs_diff"] <= contract["cam_max_abs_diff"]):
+        raise ExportError("bf16 check: TensorFlow ran the graph in fp32 on this CPU (results equal fp32's within "
+                          "1e-4), so bf16 cannot be judged here; check bf16 on a CPU with avx512_bf16 or amx_bf16")
+    return verdict
