@@ -61,7 +61,8 @@ def gate_lines(manifest: dict[str, Any]) -> list[str]:
         front = entry.get("fp32_front", {})
         kept32 = f"; first {front['convolutions']} of {front['of']} convolutions in fp32" \
             if front.get("convolutions") else ""
-        lines.append(f"    {label} ({entry['precision']}): {figures(verdict)}: {outcome}{kept32}")
+        name = label if entry["precision"] in label else f"{label} ({entry['precision']})"
+        lines.append(f"    {name}: {figures(verdict)}: {outcome}{kept32}")
     return lines
 
 

@@ -45,3 +45,11 @@ def tf_bfloat16(tf: Any) -> Iterator[None]:
             yield
         finally:
             tf.config.optimizer.set_experimental_options({OPTION: before})
+
+
+def require_bf16() -> None:
+    """bf16 only where it pays and where TensorFlow really applies it; the error names what is missing."""
+    from gradcam_engine.engine.cpu import require_native_bf16
+
+    require_native_bf16()
+    require_onednn()

@@ -264,7 +264,9 @@ class TFBackend:
         if "fp32" in available and self.device == "cpu":
             fast = _bf16_fast(artifact) if options.precision == "fast" else ()
             if options.precision == "bf16":
-                _require_bf16()
+                from gradcam_engine.engine.bf16 import require_bf16
+
+                require_bf16()
             available["bf16"] = available["fp32"]  # bf16 is the fp32 SavedModel run under oneDNN bf16
         elif options.precision == "bf16":
             raise RunError("--precision bf16 runs on CPU (TensorFlow's oneDNN) from the fp32 SavedModel; on a GPU "
@@ -287,15 +289,6 @@ class TFBackend:
         with tf.device(self._device_name), (tf_bfloat16(tf) if self.precision == "bf16" else nullcontext()):
             result = self._fn(**{C.IMAGES: tf.constant(images), C.CLASS_INDEX: tf.constant(class_index)})
             return {k: result[k].numpy() for k in outputs}
-
-
-def _require_bf16() -> None:
-    """bf16 only where it pays and where TensorFlow really applies it; the error names what is missing."""
-    from gradcam_engine.engine.bf16 import require_onednn
-    from gradcam_engine.engine.cpu import require_native_bf16
-
-    require_native_bf16()
-    require_onednn()
 
 
 def _bf16_fast(artifact: Artifact) -> tuple[str, ...]:

@@ -5,9 +5,11 @@ some, else seeded random images) and kept only when its top-1 classes and CAMs s
 here, in one place; the figures come from export.parity.precision_figures. CAM max abs diff is recorded, never
 judged: on a 3x3 map one cell moving by 0.07 says little about a heatmap that correlates at 0.999.
 
-Why these limits (measured on the demo model and the seed ResNet50, see the README's precision section):
-  - fp16 and bf16 keep an 11- and 8-bit significand: CAMs correlate at >= 0.999 on healthy models; a mean below
-    0.99 or one map below 0.95 means the format lost the model (underflow, amplified rounding), not noise.
+Why these limits (measured on the demo model, the seed ResNet50 and a MobileNetV2; README, precision section):
+  - fp16 and bf16 are floating formats: on healthy models their CAMs correlate with fp32's at 0.9999 and more (demo
+    fp16 0.99999, demo bf16 0.99996 mean / 0.9994 worst, ResNet50 bf16 0.9997 / 0.9991). A mean below 0.999 or one
+    map below 0.99 is a model the format handles badly: a BatchNorm-calibrated MobileNetV2 in full fp16 scores
+    0.996 / 0.97 on scene images, where keeping its first convolutions in fp32 gives 0.9994 / 0.992 and better.
   - int8 rounds every activation to 256 levels: the demo model measures 0.9995 mean / 0.992 worst, a random-weight
     ResNet50 0.985 / 0.917, so 0.98 mean / 0.90 worst passes those and stops calibrations that do not fit the data.
   - top-1: 99% of the images keep their class; a change between two classes fp32 scores within 1% of each other
@@ -34,8 +36,8 @@ class Limits:
 
 
 THRESHOLDS: dict[str, Limits] = {
-    "fp16": Limits(top1_agreement_beyond_ties=0.99, cam_corr_mean=0.99, cam_corr_worst=0.95),
-    "bf16": Limits(top1_agreement_beyond_ties=0.99, cam_corr_mean=0.99, cam_corr_worst=0.95),
+    "fp16": Limits(top1_agreement_beyond_ties=0.99, cam_corr_mean=0.999, cam_corr_worst=0.99),
+    "bf16": Limits(top1_agreement_beyond_ties=0.99, cam_corr_mean=0.999, cam_corr_worst=0.99),
     "int8": Limits(top1_agreement_beyond_ties=0.99, cam_corr_mean=0.98, cam_corr_worst=0.90),
 }
 
@@ -62,9 +64,9 @@ class Verdict:
 
 
 def judge(precision: str, figures: dict[str, float], notes: dict[str, Any] | None = None) -> Verdict:
-    """Hold the figures to the precision's limits."""
+    """Hold the figures to the precision's limits (those it has: a forward-only graph has no CAM)."""
     limits = asdict(THRESHOLDS[precision])
-    failed = [name for name, low in limits.items() if figures[name] < low]
+    failed = [name for name, low in limits.items() if name in figures and figures[name] < low]
     return Verdict(precision, figures, failed, notes=notes)
 
 
@@ -97,7 +99,11 @@ def likely_cause(verdict: Verdict, calibration_images: int = 0) -> str:
     front = (verdict.notes or {}).get("fp32_front")
     if precision == "fp16" and front and front.get("convolutions"):
         return (f"rounding error grows through the backbone even with its first {front['convolutions']} of "
-                f"{front['of']} convolutions kept in fp32; export fp32 or use bf16 (--backend tf)")
+                f"{front['of']} convolutions kept in fp32; export fp32")
+    if precision == "bf16":
+        return ("bf16 keeps 8 significant bits and this model amplifies rounding errors through its layers (large "
+                "BatchNorm gains do); run it in fp32, or fp16 (whose export keeps the backbone's front in fp32 "
+                "when that helps)")
     if "top1_agreement_beyond_ties" in verdict.failed:
         return (f"{f['top1_changed'] - f['top1_changed_near_ties']} images change their top-1 class by margins up to "
                 f"{f['top1_largest_margin_changed']:.1%} of fp32's largest score")
@@ -108,6 +114,7 @@ def refusal(label: str, verdict: Verdict, calibration_images: int = 0) -> Export
     """The one-line error for a file the gate refuses: which figure failed, the likely cause, the way out."""
     limits = asdict(THRESHOLDS[verdict.precision])
     failed = ", ".join(f"{name} {verdict.figures[name]:.4f} < {limits[name]}" for name in verdict.failed)
-    return ExportError(f"{label} ({verdict.precision}) misses the precision gate: {failed} ({summary(verdict)}); "
+    name = label if verdict.precision in label else f"{label} ({verdict.precision})"
+    return ExportError(f"{name} misses the precision gate: {failed} ({summary(verdict)}); "
                        f"likely cause: {likely_cause(verdict, calibration_images)}; pass --keep-failing to write it "
                        "anyway")

@@ -77,22 +77,25 @@ def precision_figures(reference: dict[str, np.ndarray], candidate: dict[str, np.
     changed = np.flatnonzero(top_ref != top)
     margins = pred_ref[changed, top_ref[changed]] - pred_ref[changed, top[changed]]
     decisive = int((margins > NEAR_TIE * scale).sum())
-    corr = cam_correlations(reference[C.CAM], candidate[C.CAM])
-    ref_live = reference[C.CAM].reshape(n, -1).max(-1) > 0
-    cand_live = candidate[C.CAM].reshape(n, -1).max(-1) > 0
-    figures = {
+    figures: dict[str, float] = {
         "images": n,
         "top1_agreement": float(1 - len(changed) / n),
         "top1_changed": int(len(changed)),
         "top1_changed_near_ties": int(len(changed) - decisive),
         "top1_agreement_beyond_ties": float(1 - decisive / n),
         "top1_largest_margin_changed": float(margins.max() / scale) if len(changed) else 0.0,
-        "cam_corr_mean": float(corr.mean()),
-        "cam_corr_worst": float(corr.min()),
-        "cam_max_abs_diff": float(np.abs(reference[C.CAM].astype(np.float64) - candidate[C.CAM]).max()),
-        "cams_lost": int((ref_live & ~cand_live).sum()),  # all-zero maps where fp32's are not
         "predictions_rel_diff": float(np.abs(pred_ref - pred).max() / scale),
     }
+    if C.CAM in reference and C.CAM in candidate:  # (a forward-only graph has predictions alone)
+        corr = cam_correlations(reference[C.CAM], candidate[C.CAM])
+        ref_live = reference[C.CAM].reshape(n, -1).max(-1) > 0
+        cand_live = candidate[C.CAM].reshape(n, -1).max(-1) > 0
+        figures.update({
+            "cam_corr_mean": float(corr.mean()),
+            "cam_corr_worst": float(corr.min()),
+            "cam_max_abs_diff": float(np.abs(reference[C.CAM].astype(np.float64) - candidate[C.CAM]).max()),
+            "cams_lost": int((ref_live & ~cand_live).sum()),  # all-zero maps where fp32's are not
+        })
     if C.FEATURE_MAPS in reference:
         figures["feature_maps_peak"] = float(np.abs(reference[C.FEATURE_MAPS]).max())
     return figures
