@@ -83,6 +83,12 @@ class Gate:
     images: GateImages
     reference: Outputs
 
+    @classmethod
+    def on(cls, proto: Any, images: GateImages) -> "Gate":
+        """The gate for an fp32 graph on these images: fp32's outputs (its own top-1 explained), feature maps too."""
+        outputs = (*C.ENGINE_OUTPUTS, C.FEATURE_MAPS)
+        return cls(images, run_onnx(proto.SerializeToString(), images.held_out, outputs=outputs))
+
     def judge(self, precision: str, candidate: Callable[[np.ndarray, np.ndarray], Outputs],
               notes: dict[str, Any] | None = None) -> Verdict:
         """Run a candidate on the gate images (explaining fp32's classes, so CAMs compare) and judge it."""
@@ -101,10 +107,8 @@ def write_reduced(root: Path, proto: Any, options: Any, precision: dict[str, str
     wanted = parse_precisions(options.precision)
     if wanted == ("fp32",):
         return None
-    size = _input_size(proto)
-    images = load_gate_images(options.calibrate, options.calibration_images, size)
-    outputs = (*C.ENGINE_OUTPUTS, C.FEATURE_MAPS)
-    gate = Gate(images, run_onnx(proto.SerializeToString(), images.held_out, outputs=outputs))
+    images = load_gate_images(options.calibrate, options.calibration_images, input_size(proto))
+    gate = Gate.on(proto, images)
     results: dict[str, dict[str, Any]] = {}
 
     def keep(label: str, verdict: Verdict) -> None:
@@ -115,7 +119,7 @@ def write_reduced(root: Path, proto: Any, options: Any, precision: dict[str, str
             raise refusal(label, verdict, len(images.calibration))
 
     if "fp16" in wanted:
-        half, verdict = _fp16_onnx(proto, gate)
+        half, verdict = fp16_with_fp32_front(proto, gate)
         keep(C.ONNX_FP16_FILE, verdict)
         checks[C.ONNX_FP16_FILE] = write_onnx(root / C.ONNX_FP16_FILE, half, "fp16")
         precision[C.ONNX_FP16_FILE] = "fp16"
@@ -133,7 +137,8 @@ def write_reduced(root: Path, proto: Any, options: Any, precision: dict[str, str
     return {"images": images.source, "results": results}
 
 
-def _input_size(proto: Any) -> tuple[int, int]:
+def input_size(proto: Any) -> tuple[int, int]:
+    """(height, width) of a fused graph's images input."""
     dims = next(i for i in proto.graph.input if i.name == C.IMAGES).type.tensor_type.shape.dim
     return int(dims[1].dim_value), int(dims[2].dim_value)
 
@@ -146,8 +151,9 @@ def _onnx_call(model: bytes) -> Callable[[np.ndarray, np.ndarray], Outputs]:
     return lambda x, c: dict(zip(names, session.run(names, {C.IMAGES: x, C.CLASS_INDEX: c})))
 
 
-def _fp16_onnx(proto: Any, gate: Gate) -> tuple[Any, Verdict]:
-    """Full fp16 first; while the gate refuses it, keep a growing front of the backbone in fp32."""
+def fp16_with_fp32_front(proto: Any, gate: Gate) -> tuple[Any, Verdict]:
+    """The fp16 graph: full fp16 first; while the gate refuses it, keep a growing front of the backbone in fp32.
+    Returns the first that passes (the smallest fp32 front), else the last tried, with its verdict."""
     from gradcam_engine.export.fp16 import backbone_convolutions, front_nodes, front_steps, to_fp16
 
     total = backbone_convolutions(proto.graph)
