@@ -197,13 +197,13 @@ def check_contenders(built: Built, images: np.ndarray, num_classes: int, log: Lo
 
 def _e2e_variants(config: BenchConfig, artifact: Any, device: str) -> list[tuple[str, str]]:
     """(backend, precision) of each end-to-end run: the default runtime in fp32, then int8 on ONNX Runtime and bf16
-    on TensorFlow (beside TensorFlow fp32, its pair) on CPU when asked for."""
+    on TensorFlow on CPU when asked for (each beside its own model-only run)."""
     backend = "onnx" if "onnx" in config.backends or "tf" not in config.backends else "tf"
     variants = [(backend, "fp32")]
     if device == "cpu" and "int8" in config.precisions and artifact.has(C.ONNX_INT8_FILE):
         variants.append(("onnx", "int8"))
     if device == "cpu" and "bf16" in config.precisions and "tf" in config.backends:
-        variants += [v for v in (("tf", "fp32"), ("tf", "bf16")) if v not in variants]
+        variants.append(("tf", "bf16"))
     return variants
 
 
@@ -273,7 +273,9 @@ def _model_units(built: Built, images: np.ndarray, config: BenchConfig) -> list[
             units.append(Unit(c.name, c.kind, c.runtime, c.precision, 1, n,
                               batched_run(c.call, images[:n], class_index[:n], 1)))
             continue
-        for b in config.batch_sizes:
+        # int8 and bf16 at the largest batch only (the side-by-side ratio); fp32, and fp16 in hardware mode, at each
+        sizes = [max(config.batch_sizes)] if c.precision in ("int8", "bf16") else config.batch_sizes
+        for b in sizes:
             units.append(Unit(c.name, c.kind, c.runtime, c.precision, b, len(images),
                               batched_run(c.call, images, class_index, b)))
     return units

@@ -71,8 +71,14 @@ def run_onnx(model: bytes, images: np.ndarray, class_index: np.ndarray | None = 
 
 def _batched(call: Callable[[np.ndarray, np.ndarray], Outputs], images: np.ndarray,
              class_index: np.ndarray | None) -> Outputs:
+    """Batches of GATE_BATCH, the last one padded: one shape, so an XLA-compiled SavedModel compiles once."""
     ci = np.full(len(images), -1, np.int32) if class_index is None else class_index.astype(np.int32)
-    parts = [call(images[i:i + GATE_BATCH], ci[i:i + GATE_BATCH]) for i in range(0, len(images), GATE_BATCH)]
+    parts = []
+    for i in range(0, len(images), GATE_BATCH):
+        x, c = images[i:i + GATE_BATCH], ci[i:i + GATE_BATCH]
+        pad = GATE_BATCH - len(x) if len(images) > GATE_BATCH else 0
+        out = call(np.concatenate([x, np.repeat(x[-1:], pad, 0)]), np.concatenate([c, np.repeat(c[-1:], pad)]))
+        parts.append({k: v[:len(x)] for k, v in out.items()})
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 

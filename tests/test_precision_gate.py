@@ -138,6 +138,10 @@ def test_mobilenet_v2_with_calibrated_batchnorm_exports_fp16_with_its_front_in_f
     assert entry["passed"] and gate["images"]["kind"] == "held-out calibration images"
     front = entry["fp32_front"]
     assert 0 < front["convolutions"] < front["of"] / 4 and front["of"] == 52
+    written = onnx.load(str(root / C.ONNX_FP16_FILE)).graph
+    weights = {i.name: i.data_type for i in written.initializer}
+    in_fp32 = [n.name for n in written.node if n.op_type == "Conv" and weights[n.input[1]] == onnx.TensorProto.FLOAT]
+    assert len(in_fp32) == front["convolutions"]  # the file is fp16 but for that front
 
     images = make_scenes(200, 2026)[0]  # scenes neither calibration nor the gate saw
     full = run_onnx(root / C.ONNX_FILE, images, outputs=(C.PREDICTIONS, C.TARGET_CLASS, C.CAM, C.FEATURE_MAPS))
