@@ -15,19 +15,24 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
 from gradcam_engine.engine import contract as C
+from gradcam_engine.engine.errors import first_line
 from gradcam_engine.export.calibration import GateImages, list_calibration, load_gate_images
 from gradcam_engine.export.errors import ExportError
 from gradcam_engine.export.gate import Verdict, judge, refusal
+
+if TYPE_CHECKING:
+    from gradcam_engine.export.api import ExportOptions
 
 PRECISIONS = ("fp32", "fp16", "int8", "bf16")
 ALIASES = {"both": ("fp32", "fp16")}
 GATE_BATCH = 16
 Outputs = dict[str, np.ndarray]
+Call = Callable[[np.ndarray, np.ndarray], Outputs]  # (images, class_index) -> outputs
 
 
 def parse_precisions(spec: str | Sequence[str]) -> tuple[str, ...]:
@@ -59,18 +64,7 @@ def check_request(precision: str | Sequence[str], calibrate: Sequence[str] | Non
         list_calibration(calibrate, images)  # a missing path or too few images, said now
 
 
-def run_onnx(model: bytes, images: np.ndarray, class_index: np.ndarray | None = None,
-             outputs: tuple[str, ...] = C.ENGINE_OUTPUTS) -> Outputs:
-    """A graph's outputs on images, in ONNX Runtime on the CPU, in batches."""
-    from gradcam_engine.engine.session import onnx_session
-
-    session = onnx_session(model, cuda=False)
-    return _batched(lambda x, c: dict(zip(outputs, session.run(list(outputs), {C.IMAGES: x, C.CLASS_INDEX: c}))),
-                    images, class_index)
-
-
-def _batched(call: Callable[[np.ndarray, np.ndarray], Outputs], images: np.ndarray,
-             class_index: np.ndarray | None) -> Outputs:
+def _batched(call: Call, images: np.ndarray, class_index: np.ndarray | None) -> Outputs:
     """Batches of GATE_BATCH, the last one padded: one shape, so an XLA-compiled SavedModel compiles once."""
     ci = np.full(len(images), -1, np.int32) if class_index is None else class_index.astype(np.int32)
     parts = []
@@ -92,11 +86,10 @@ class Gate:
     @classmethod
     def on(cls, proto: Any, images: GateImages) -> "Gate":
         """The gate for an fp32 graph on these images: fp32's outputs (its own top-1 explained), feature maps too."""
-        outputs = (*C.ENGINE_OUTPUTS, C.FEATURE_MAPS)
-        return cls(images, run_onnx(proto.SerializeToString(), images.held_out, outputs=outputs))
+        fp32 = _onnx_call(proto.SerializeToString(), (*C.ENGINE_OUTPUTS, C.FEATURE_MAPS))
+        return cls(images, _batched(fp32, images.held_out, None))
 
-    def judge(self, precision: str, candidate: Callable[[np.ndarray, np.ndarray], Outputs],
-              notes: dict[str, Any] | None = None) -> Verdict:
+    def judge(self, precision: str, candidate: Call, notes: dict[str, Any] | None = None) -> Verdict:
         """Run a candidate on the gate images (explaining fp32's classes, so CAMs compare) and judge it."""
         from gradcam_engine.export.parity import precision_figures
 
@@ -104,7 +97,7 @@ class Gate:
         return judge(precision, precision_figures(self.reference, got), notes)
 
 
-def write_reduced(root: Path, proto: Any, options: Any, precision: dict[str, str], checks: dict[str, Any],
+def write_reduced(root: Path, proto: Any, options: ExportOptions, precision: dict[str, str], checks: dict[str, Any],
                   write_onnx: Callable[[Path, Any, str], dict[str, Any]],
                   write_fp16_saved_model: Callable[[Path], str | None]) -> dict[str, Any] | None:
     """Write every reduced precision the options ask for into root, each judged by the gate; returns the manifest's
@@ -149,11 +142,12 @@ def input_size(proto: Any) -> tuple[int, int]:
     return int(dims[1].dim_value), int(dims[2].dim_value)
 
 
-def _onnx_call(model: bytes) -> Callable[[np.ndarray, np.ndarray], Outputs]:
+def _onnx_call(model: bytes, outputs: tuple[str, ...] = C.ENGINE_OUTPUTS) -> Call:
+    """A graph in ONNX Runtime on the CPU, set up as the engine sets it up."""
     from gradcam_engine.engine.session import onnx_session
 
     session = onnx_session(model, cuda=False)
-    names = list(C.ENGINE_OUTPUTS)
+    names = list(outputs)
     return lambda x, c: dict(zip(names, session.run(names, {C.IMAGES: x, C.CLASS_INDEX: c})))
 
 
@@ -173,7 +167,7 @@ def fp16_with_fp32_front(proto: Any, gate: Gate) -> tuple[Any, Verdict]:
     return half, verdict
 
 
-def _fp16_saved_model(root: Path, gate: Gate, options: Any, precision: dict[str, str], checks: dict[str, Any],
+def _fp16_saved_model(root: Path, gate: Gate, options: ExportOptions, precision: dict[str, str], checks: dict[str, Any],
                       results: dict[str, dict[str, Any]], write: Callable[[Path], str | None]) -> None:
     """The mixed_float16 SavedModel, judged like the ONNX file; skipped with its figures when it misses the gate
     (the twin is fp16 throughout: Keras offers no front in fp32 to fall back on)."""
@@ -193,7 +187,7 @@ def _fp16_saved_model(root: Path, gate: Gate, options: Any, precision: dict[str,
                                       f"precision_gate); the fp16 ONNX is written; --keep-failing keeps it")
 
 
-def _tf_call(saved_model: Path) -> Callable[[np.ndarray, np.ndarray], Outputs]:
+def _tf_call(saved_model: Path) -> Call:
     import tensorflow as tf
 
     fn = tf.saved_model.load(str(saved_model)).signatures[C.SIGNATURE]
@@ -201,7 +195,6 @@ def _tf_call(saved_model: Path) -> Callable[[np.ndarray, np.ndarray], Outputs]:
     def call(images: np.ndarray, class_index: np.ndarray) -> Outputs:
         out = fn(**{C.IMAGES: tf.constant(images), C.CLASS_INDEX: tf.constant(class_index)})
         return {k: out[k].numpy() for k in C.ENGINE_OUTPUTS}
-    call.keep = fn  # type: ignore[attr-defined]  # the loaded object owns the variables the signature reads
     return call
 
 
@@ -224,8 +217,12 @@ def _bf16(saved_model: Path, gate: Gate) -> Verdict:
         with tf_bfloat16(tf):
             return fp32(images, class_index)
     cpu = {"native_bf16": native_bf16(), **cpu_features()}
-    verdict = gate.judge("bf16", call, {"runtime": "TensorFlow oneDNN auto_mixed_precision_onednn_bfloat16",
-                                       "cpu": cpu})
+    try:
+        verdict = gate.judge("bf16", call, {"runtime": "TensorFlow oneDNN auto_mixed_precision_onednn_bfloat16",
+                                           "cpu": cpu})
+    except tf.errors.OpError as e:  # oneDNN without any bf16 path on this CPU cannot build the kernels
+        raise ExportError(f"bf16 check: TensorFlow cannot run bf16 on this CPU ({first_line(e, 200)}); check bf16 "
+                          "on a CPU with avx512_bf16 or amx_bf16") from None
     contract = TOLERANCES["fp32"]
     figures = verdict.figures
     if (figures["predictions_rel_diff"] <= contract["predictions_rel_diff"]

@@ -195,7 +195,7 @@ def test_int8_and_bf16_are_timed_beside_fp32_with_their_forward_pairs(bench_run:
         assert any("gradcam tf-cpu bf16" in s["contender"] and "avx512_bf16" in s["reason"] for s in data["skipped"])
     gate = data["precision_gate"]["results"][C.ONNX_INT8_FILE]
     assert gate["precision"] == "int8" and "calibration" in gate
-    assert f"- {C.ONNX_INT8_FILE} (int8): top-1 agreement" in bench_run["markdown"]
+    assert f"- {C.ONNX_INT8_FILE}: top-1 agreement" in bench_run["markdown"]
     features = data["machine"]["cpu_features"]
     assert {"avx512_vnni", "amx_int8", "avx512_bf16", "amx_bf16"} <= set(features)
     assert "CPU features" in bench_run["markdown"]
