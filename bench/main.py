@@ -273,8 +273,9 @@ def _model_units(built: Built, images: np.ndarray, config: BenchConfig) -> list[
             units.append(Unit(c.name, c.kind, c.runtime, c.precision, 1, n,
                               batched_run(c.call, images[:n], class_index[:n], 1)))
             continue
-        # int8 and bf16 at the largest batch only (the side-by-side ratio); fp32, and fp16 in hardware mode, at each
-        sizes = [max(config.batch_sizes)] if c.precision in ("int8", "bf16") else config.batch_sizes
+        # int8 and bf16 at the largest batch only (the side-by-side ratio), but for the hardware sweep
+        reduced = c.precision in ("int8", "bf16") and not config.hardware
+        sizes = [max(config.batch_sizes)] if reduced else config.batch_sizes
         for b in sizes:
             units.append(Unit(c.name, c.kind, c.runtime, c.precision, b, len(images),
                               batched_run(c.call, images, class_index, b)))
@@ -336,8 +337,8 @@ def _export_request(config: BenchConfig, work: Path) -> tuple[str, str | None]:
 
     precisions = ["fp32", *(["fp16"] if config.hardware else [])]
     precisions += ["int8"] if "int8" in config.precisions else []
-    precisions += ["bf16"] if "bf16" in config.precisions and native_bf16() and not config.hardware else []
-    if precisions == ["fp32"] or (precisions == ["fp32", "fp16"]):
+    precisions += ["bf16"] if "bf16" in config.precisions and native_bf16() else []
+    if precisions in (["fp32"], ["fp32", "fp16"]):  # nothing to calibrate; fp16 is judged on random images
         return ",".join(precisions), None
     calibration = jpeg_set(work / "calibration", CALIBRATION_IMAGES, seed=config.seed + 1000)
     return ",".join(precisions), str(path_list(calibration, work / f"calibration-{CALIBRATION_IMAGES}.txt"))

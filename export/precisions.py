@@ -13,7 +13,7 @@ fp32 is always written: it is what every other file is derived from and judged a
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -97,6 +97,48 @@ class Gate:
         return judge(precision, precision_figures(self.reference, got), notes)
 
 
+@dataclass
+class Export:
+    """One export's reduced-precision step: what every precision writer reads and fills in."""
+
+    root: Path
+    proto: Any                                   # the fp32 ONNX graph every file is derived from
+    options: ExportOptions
+    gate: Gate
+    precision: dict[str, str]                    # the manifest's file -> precision
+    checks: dict[str, Any]                       # the manifest's verification figures
+    write_onnx: Callable[[Path, Any, str], dict[str, Any]]
+    write_fp16_saved_model: Callable[[Path], str | None]
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)  # the gate's verdicts, by file
+
+    def record(self, label: str, verdict: Verdict) -> bool:
+        """Record a verdict in the manifest; whether the file is to be written (passed, or kept on request)."""
+        verdict.kept = not verdict.passed and self.options.keep_failing
+        self.results[label] = verdict.record()
+        return verdict.passed or self.options.keep_failing
+
+    def keep(self, label: str, verdict: Verdict) -> None:
+        """Record a verdict; refuse the export when the file failed (unless --keep-failing)."""
+        if not self.record(label, verdict):
+            raise refusal(label, verdict, len(self.gate.images.calibration))
+
+    def write(self, file: str, graph: Any, precision: str) -> None:
+        """Write an ONNX file the gate kept (checked by onnx.checker, its verification figures recorded)."""
+        self.checks[file] = self.write_onnx(self.root / file, graph, precision)
+        self.precision[file] = precision
+
+
+WRITERS: dict[str, Callable[[Export], None]] = {}
+
+
+def writes(precision: str) -> Callable[[Callable[[Export], None]], Callable[[Export], None]]:
+    """Register how one precision is derived, judged and written."""
+    def register(fn: Callable[[Export], None]) -> Callable[[Export], None]:
+        WRITERS[precision] = fn
+        return fn
+    return register
+
+
 def write_reduced(root: Path, proto: Any, options: ExportOptions, precision: dict[str, str], checks: dict[str, Any],
                   write_onnx: Callable[[Path, Any, str], dict[str, Any]],
                   write_fp16_saved_model: Callable[[Path], str | None]) -> dict[str, Any] | None:
@@ -106,34 +148,34 @@ def write_reduced(root: Path, proto: Any, options: ExportOptions, precision: dic
     wanted = parse_precisions(options.precision)
     if wanted == ("fp32",):
         return None
-    images = load_gate_images(options.calibrate, options.calibration_images, input_size(proto))
-    gate = Gate.on(proto, images)
-    results: dict[str, dict[str, Any]] = {}
+    gate = Gate.on(proto, load_gate_images(options.calibrate, options.calibration_images, input_size(proto)))
+    export = Export(root, proto, options, gate, precision, checks, write_onnx, write_fp16_saved_model)
+    for name in wanted[1:]:
+        WRITERS[name](export)
+    return {"images": gate.images.source, "results": export.results}
 
-    def keep(label: str, verdict: Verdict) -> None:
-        """Record the verdict; refuse the export when the file fails and is not to be kept anyway."""
-        verdict.kept = not verdict.passed and options.keep_failing
-        results[label] = verdict.record()
-        if not verdict.passed and not options.keep_failing:
-            raise refusal(label, verdict, len(images.calibration))
 
-    if "fp16" in wanted:
-        half, verdict = fp16_with_fp32_front(proto, gate)
-        keep(C.ONNX_FP16_FILE, verdict)
-        checks[C.ONNX_FP16_FILE] = write_onnx(root / C.ONNX_FP16_FILE, half, "fp16")
-        precision[C.ONNX_FP16_FILE] = "fp16"
-        _fp16_saved_model(root, gate, options, precision, checks, results, write_fp16_saved_model)
-    if "int8" in wanted:
-        from gradcam_engine.export.int8 import quantize_backbone
+@writes("fp16")
+def _fp16(export: Export) -> None:
+    half, verdict = fp16_with_fp32_front(export.proto, export.gate)
+    export.keep(C.ONNX_FP16_FILE, verdict)
+    export.write(C.ONNX_FP16_FILE, half, "fp16")
+    _fp16_saved_model(export)
 
-        quantized, info = quantize_backbone(proto, images.calibration)
-        data = quantized.SerializeToString()
-        keep(C.ONNX_INT8_FILE, gate.judge("int8", _onnx_call(data), {"calibration": info}))
-        checks[C.ONNX_INT8_FILE] = write_onnx(root / C.ONNX_INT8_FILE, quantized, "int8")
-        precision[C.ONNX_INT8_FILE] = "int8"
-    if "bf16" in wanted:
-        keep(C.BF16_GATE_LABEL, _bf16(root / C.SAVED_MODEL_DIR, gate))
-    return {"images": images.source, "results": results}
+
+@writes("int8")
+def _int8(export: Export) -> None:
+    from gradcam_engine.export.int8 import quantize_backbone
+
+    quantized, info = quantize_backbone(export.proto, export.gate.images.calibration)
+    verdict = export.gate.judge("int8", _onnx_call(quantized.SerializeToString()), {"calibration": info})
+    export.keep(C.ONNX_INT8_FILE, verdict)
+    export.write(C.ONNX_INT8_FILE, quantized, "int8")
+
+
+@writes("bf16")
+def _bf16_check(export: Export) -> None:
+    export.keep(C.BF16_GATE_LABEL, _bf16(export.root / C.SAVED_MODEL_DIR, export.gate))
 
 
 def input_size(proto: Any) -> tuple[int, int]:
@@ -167,24 +209,22 @@ def fp16_with_fp32_front(proto: Any, gate: Gate) -> tuple[Any, Verdict]:
     return half, verdict
 
 
-def _fp16_saved_model(root: Path, gate: Gate, options: ExportOptions, precision: dict[str, str], checks: dict[str, Any],
-                      results: dict[str, dict[str, Any]], write: Callable[[Path], str | None]) -> None:
+def _fp16_saved_model(export: Export) -> None:
     """The mixed_float16 SavedModel, judged like the ONNX file; skipped with its figures when it misses the gate
     (the twin is fp16 throughout: Keras offers no front in fp32 to fall back on)."""
-    path = root / C.SAVED_MODEL_FP16_DIR
-    note = write(path)
+    path = export.root / C.SAVED_MODEL_FP16_DIR
+    note = export.write_fp16_saved_model(path)
     if note is not None:
-        checks[C.SAVED_MODEL_FP16_DIR] = note
+        export.checks[C.SAVED_MODEL_FP16_DIR] = note
         return
-    verdict = gate.judge("fp16", _tf_call(path))
-    verdict.kept = not verdict.passed and options.keep_failing
-    results[C.SAVED_MODEL_FP16_DIR] = verdict.record()
-    if verdict.passed or options.keep_failing:
-        precision[C.SAVED_MODEL_FP16_DIR] = "mixed_float16"
+    verdict = export.gate.judge("fp16", _tf_call(path))
+    if export.record(C.SAVED_MODEL_FP16_DIR, verdict):
+        export.precision[C.SAVED_MODEL_FP16_DIR] = "mixed_float16"
         return
     shutil.rmtree(path)
-    checks[C.SAVED_MODEL_FP16_DIR] = (f"skipped: misses the precision gate ({', '.join(verdict.failed)}; figures in "
-                                      f"precision_gate); the fp16 ONNX is written; --keep-failing keeps it")
+    export.checks[C.SAVED_MODEL_FP16_DIR] = (f"skipped: misses the precision gate ({', '.join(verdict.failed)}; "
+                                             "figures in precision_gate); the fp16 ONNX is written; --keep-failing "
+                                             "keeps it")
 
 
 def _tf_call(saved_model: Path) -> Call:

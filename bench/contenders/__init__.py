@@ -146,8 +146,9 @@ def tf_forward(model: Any, preprocessing: str, input_size: tuple[int, int], jit:
     return Contender(_name(FORWARD, runtime, precision), FORWARD, runtime, precision, _in_precision(call, precision))
 
 
-def reference(model: Any, target_layer: str, preprocessing: str) -> Contender:
-    """The seed's per-image eager GradientTape loop."""
+def reference_loop(model: Any, target_layer: str, preprocessing: str) -> Contender:
+    """The seed's per-image eager GradientTape loop. (Not named `reference`: importing the submodule of that name
+    rebinds the package attribute, and a later call would find the module.)"""
     from gradcam_engine.bench.contenders.reference import gradcam_reference, split_for_reference
 
     parts = split_for_reference(model, target_layer, preprocessing)
@@ -196,7 +197,7 @@ def make(spec: Spec, sources: Sources, shared: dict[str, Any] | None = None) -> 
         return shared["keras"]
 
     if spec.kind == REFERENCE:
-        return reference(keras_model(), artifact.manifest["target_layer"], sources.preprocessing)
+        return reference_loop(keras_model(), artifact.manifest["target_layer"], sources.preprocessing)
     if spec.kind == GRADCAM and spec.backend == "onnx":
         return onnx_gradcam(artifact, spec.device, spec.precision, sources.threads)
     if spec.kind == FORWARD and spec.backend == "onnx":
