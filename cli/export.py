@@ -46,7 +46,7 @@ def summary(manifest: dict[str, Any], out: str) -> str:
 
 def gate_lines(manifest: dict[str, Any]) -> list[str]:
     """The precision gate's figures for every reduced-precision file, passed or not."""
-    from gradcam_engine.export.gate import Verdict, summary as figures
+    from gradcam_engine.export.gate import summary as figures
 
     gate = manifest.get("precision_gate")
     if not gate:
@@ -54,15 +54,15 @@ def gate_lines(manifest: dict[str, Any]) -> list[str]:
     images = gate["images"]
     lines = [f"  precision gate vs fp32 on {images['images']} {images['kind']}:"]
     for label, entry in gate["results"].items():
-        verdict = Verdict(entry["precision"], entry["figures"], entry["failed"])
-        outcome = "passed" if entry["passed"] else \
-            f"FAILED {', '.join(entry['failed'])}" + (", kept (--keep-failing)" if entry.get("kept_although_failed")
-                                                     else ", not written")
+        outcome = "passed"
+        if not entry["passed"]:
+            kept = entry.get("kept_although_failed")
+            outcome = f"FAILED {', '.join(entry['failed'])}, {'kept (--keep-failing)' if kept else 'not written'}"
         front = entry.get("fp32_front", {})
-        kept32 = f"; first {front['convolutions']} of {front['of']} convolutions in fp32" \
-            if front.get("convolutions") else ""
+        if front.get("convolutions"):
+            outcome += f"; first {front['convolutions']} of {front['of']} convolutions in fp32"
         name = label if entry["precision"] in label else f"{label} ({entry['precision']})"
-        lines.append(f"    {name}: {figures(verdict)}: {outcome}{kept32}")
+        lines.append(f"    {name}: {figures(entry['figures'])}: {outcome}")
     return lines
 
 

@@ -7,6 +7,7 @@ held out: the gate judges on those and calibration never sees them.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -31,10 +32,16 @@ class GateImages:
     source: dict[str, Any] = field(default_factory=dict)
 
 
+def as_specs(specs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """One input spec or several, as strings (a lone path must not be iterated character by character)."""
+    return [os.fspath(specs)] if isinstance(specs, (str, os.PathLike)) else [os.fspath(s) for s in specs]
+
+
 def list_calibration(specs: Sequence[str], wanted: int) -> list[Any]:
     """The items a calibration draws from: a deterministic sample of at most `wanted` of what the specs list."""
     from gradcam_engine.engine.inputs import list_inputs
 
+    specs = as_specs(specs)
     try:
         items = list_inputs(specs).items
     except InputError as e:
@@ -58,6 +65,7 @@ def load_gate_images(specs: Sequence[str] | None, wanted: int, size: tuple[int, 
     from gradcam_engine.engine.pipeline import load
     from gradcam_engine.engine.run_config import RunConfig
 
+    specs = as_specs(specs)
     limits = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.name in ("max_bytes", "max_pixels")}
     items = list_calibration(specs, wanted)
     loaded = [load(item, size, limits["max_bytes"], limits["max_pixels"], False) for item in items]

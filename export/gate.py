@@ -70,9 +70,8 @@ def judge(precision: str, figures: dict[str, float], notes: dict[str, Any] | Non
     return Verdict(precision, figures, failed, notes=notes)
 
 
-def summary(verdict: Verdict) -> str:
+def summary(f: dict[str, float]) -> str:
     """The figures in one line, as printed after export and in a refusal."""
-    f = verdict.figures
     ties = f" ({f['top1_changed_near_ties']} near-ties)" if f["top1_changed_near_ties"] else ""
     return (f"top-1 agreement {f['top1_agreement']:.1%}{ties}, CAM correlation mean {f['cam_corr_mean']:.4f} / "
             f"worst {f['cam_corr_worst']:.4f}, CAM max abs diff {f['cam_max_abs_diff']:.3f} on {f['images']} images")
@@ -115,6 +114,6 @@ def refusal(label: str, verdict: Verdict, calibration_images: int = 0) -> Export
     limits = asdict(THRESHOLDS[verdict.precision])
     failed = ", ".join(f"{name} {verdict.figures[name]:.4f} < {limits[name]}" for name in verdict.failed)
     name = label if verdict.precision in label else f"{label} ({verdict.precision})"
-    return ExportError(f"{name} misses the precision gate: {failed} ({summary(verdict)}); "
+    return ExportError(f"{name} misses the precision gate: {failed} ({summary(verdict.figures)}); "
                        f"likely cause: {likely_cause(verdict, calibration_images)}; pass --keep-failing to write it "
                        "anyway")
