@@ -72,7 +72,9 @@ def _underflowing_cnn() -> Any:
     return model
 
 
-def test_an_underflowing_model_is_refused_with_the_cause_and_kept_only_on_request(tmp_path: Path) -> None:
+def test_an_underflowing_model_is_refused_with_the_cause_and_kept_only_on_request(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gradcam_engine.cli.main import main
     from gradcam_engine.engine.session import GradCAMSession, SessionOptions, gate_passed
 
     model = _underflowing_cnn()
@@ -85,8 +87,13 @@ def test_an_underflowing_model_is_refused_with_the_cause_and_kept_only_on_reques
     assert "calibrate the BatchNorm statistics or export fp32" in message and "--keep-failing" in message
     assert not (tmp_path / "a").exists()
 
-    manifest = export_artifact(model, tmp_path / "kept", ExportOptions(layer="last_conv", precision="fp16",
-                                                                        keep_failing=True))
+    model.save(tmp_path / "underflowing.keras")
+    assert main(["export", str(tmp_path / "underflowing.keras"), "--out", str(tmp_path / "kept"), "--layer",
+                 "last_conv", "--precision", "fp16", "--keep-failing"]) == 0
+    printed = capsys.readouterr().out  # the figures are printed either way, with the outcome
+    assert "model_fp16.onnx: top-1 agreement" in printed and "FAILED cam_corr_mean" in printed
+    assert "kept (--keep-failing)" in printed
+    manifest = json.loads((tmp_path / "kept" / C.MANIFEST).read_text())
     entry = manifest["precision_gate"]["results"][C.ONNX_FP16_FILE]
     assert not entry["passed"] and entry["kept_although_failed"] and entry["failed"][:1] == ["cam_corr_mean"]
     assert entry["figures"]["feature_maps_peak"] < 6e-8 and entry["figures"]["cams_lost"] == 32
