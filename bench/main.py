@@ -14,8 +14,8 @@ from typing import Any, Callable
 import numpy as np
 
 from gradcam_engine.bench import contenders as K
-from gradcam_engine.bench.contenders.models import (FORWARD_ONNX, SEED_RESNET50, BenchModel, default_work_dir,
-                                                    methods_artifact, prepare_model)
+from gradcam_engine.bench.contenders.models import (CALIBRATION_IMAGES, FORWARD_INT8_ONNX, FORWARD_ONNX, SEED_RESNET50,
+                                                    BenchModel, default_work_dir, methods_artifact, prepare_model)
 from gradcam_engine.bench.errors import BenchError
 from gradcam_engine.bench.measure.agreement import compare, mixed_targets
 from gradcam_engine.bench.measure.images import jpeg_set, path_list, scene_images
@@ -27,6 +27,10 @@ from gradcam_engine.export.methods import check_methods, method_names
 
 Log = Callable[[str], None]
 CONTENDER_GROUPS = ("reference", "onnx", "tf", "tf-xla", "e2e")  # what --backends may name
+# Precisions the bench may time on CPU (--precisions): int8 on ONNX Runtime (the artifact is exported with an int8
+# file calibrated on scene images), bf16 on TensorFlow (skipped, with the missing CPU feature named, without native
+# bf16). fp16 is timed in --hardware mode (on CPU it is slower than fp32).
+BENCH_PRECISIONS = ("fp32", "int8", "bf16")
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class BenchConfig:
     methods: tuple[str, ...] = field(default_factory=method_names)  # the all-methods contenders' CAM methods
                                    # (Grad-CAM always first, so their `cam` is checked against the reference);
                                    # Grad-CAM alone: no such contenders
+    precisions: tuple[str, ...] = BENCH_PRECISIONS
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.backends) - set(CONTENDER_GROUPS))
@@ -65,6 +70,8 @@ class BenchConfig:
         if self.reps < 1 or self.images < 1 or self.reference_images < 1:
             raise BenchError("--reps, --images and --reference-images must be at least 1")
         check_methods(self.methods)
+        if "fp32" not in self.precisions or set(self.precisions) - set(BENCH_PRECISIONS):
+            raise BenchError(f"--precisions: fp32 and any of {', '.join(BENCH_PRECISIONS[1:])}")
 
     @property
     def export_methods(self) -> tuple[str, ...]:
@@ -119,12 +126,16 @@ def contender_specs(config: BenchConfig, artifact: Any, has_keras: bool) -> list
     forward = has_keras and not config.hardware
     specs = [K.Spec(K.REFERENCE, "reference")] if forward and "reference" in config.backends else []
     for device in _devices(config):
+        cpu_only = {"onnx": ["int8"] if "int8" in config.precisions and artifact.has(C.ONNX_INT8_FILE) else [],
+                    "tf": ["bf16"] if "bf16" in config.precisions else []} if device == "cpu" else {}
         for backend, precisions in (("onnx", onnx_precisions), ("tf", tf_precisions), ("tf-xla", tf_precisions)):
             if backend in config.backends:
-                specs += [K.Spec(K.GRADCAM, backend, device, p) for p in precisions]
-                many = forward and len(config.export_methods) > 1 and backend in ("onnx", "tf")
-                specs += [K.Spec(K.METHODS, backend, device)] if many else []  # next to Grad-CAM: timed back to back
-                specs += [K.Spec(K.FORWARD, backend, device)] if forward else []
+                for p in [*precisions, *cpu_only.get(backend, [])]:
+                    specs.append(K.Spec(K.GRADCAM, backend, device, p))
+                    if p == "fp32" and forward and len(config.export_methods) > 1 and backend in ("onnx", "tf"):
+                        specs.append(K.Spec(K.METHODS, backend, device))  # next to Grad-CAM: timed back to back
+                    if forward and p in ("fp32", *cpu_only.get(backend, [])):
+                        specs.append(K.Spec(K.FORWARD, backend, device, p))
     return specs
 
 
@@ -147,9 +158,15 @@ def build_contenders(config: BenchConfig, model: BenchModel, artifact: Any, log:
         methods_root, seconds = methods_artifact(model, config.export_methods)
         log(f"methods artifact ({', '.join(config.export_methods)}): {methods_root} "
             + (f"(exported in {seconds:.0f} s)" if seconds else "(cached export)"))
+    forward_int8 = None
+    if any(s.kind == K.FORWARD and s.precision == "int8" for s in specs):
+        from gradcam_engine.bench.contenders.forward import forward_part
+
+        forward_int8 = forward_part(artifact.path(C.ONNX_INT8_FILE), model.cache / FORWARD_INT8_ONNX)
     built = Built(K.Sources(str(model.artifact), str(model.keras_path) if has_keras else None, model.preprocessing,
                             str(forward_onnx) if forward_onnx else None, config.threads,
-                            str(methods_root) if methods_root else None))
+                            methods_artifact=str(methods_root) if methods_root else None,
+                            forward_int8=str(forward_int8) if forward_int8 else None))
     if not has_keras and not config.hardware:
         built.skipped.append({"contender": "reference and forward-only",
                               "reason": "an artifact directory holds no Keras model; pass --model FILE.keras"})
@@ -210,35 +227,55 @@ def _methods_of(built: Built) -> tuple[str, ...]:
     from gradcam_engine.engine.artifact import load_artifact
 
     return load_artifact(built.sources.methods_artifact, verify=[]).methods
+def _e2e_variants(config: BenchConfig, artifact: Any, device: str) -> list[tuple[str, str]]:
+    """(backend, precision) of each end-to-end run: the default runtime in fp32, then int8 on ONNX Runtime and bf16
+    on TensorFlow on CPU when asked for (each beside its own model-only run)."""
+    backend = "onnx" if "onnx" in config.backends or "tf" not in config.backends else "tf"
+    variants = [(backend, "fp32")]
+    if device == "cpu" and "int8" in config.precisions and artifact.has(C.ONNX_INT8_FILE):
+        variants.append(("onnx", "int8"))
+    if device == "cpu" and "bf16" in config.precisions and "tf" in config.backends:
+        variants.append(("tf", "bf16"))
+    return variants
 
 
 def _end_to_end(config: BenchConfig, artifact: Any, work: Path, device: str, log: Log
-                ) -> tuple[list[Unit], dict[str, Any], list[Path]]:
-    """The end-to-end and model-only units on the same JPEG files, with their agreement check."""
+                ) -> tuple[list[Unit], list[dict[str, Any]], list[Path]]:
+    """The end-to-end and model-only units on the same JPEG files, each variant with its agreement check."""
     from gradcam_engine.bench.measure.e2e import (decode_like_engine, end_to_end_unit, model_only_unit,
                                                   parquet_cams, run_config)
+    from gradcam_engine.engine.errors import RunError
     from gradcam_engine.engine.local_run import run_gradcam
     from gradcam_engine.engine.session import GradCAMSession, SessionOptions
 
-    backend = "onnx" if "onnx" in config.backends or "tf" not in config.backends else "tf"
     paths = jpeg_set(work / "images", max([config.e2e_images, *config.dataset_sizes]), seed=config.seed)
     subset = paths[:config.e2e_images]
     list_file = path_list(subset, work / f"inputs-{len(subset)}.txt")
-    session = GradCAMSession(artifact, SessionOptions(backend=backend, device=device, threads=config.threads))
-    runtime = f"{backend}-{session.device}"
-    run = run_config(artifact.root, list_file, work / "e2e-run", config.e2e_batch_size, backend, device)
-    run_gradcam(run, session=session)
     pixels = decode_like_engine(subset, artifact.input_size)
-    direct = session({C.IMAGES: pixels[:config.e2e_batch_size],
-                     C.CLASS_INDEX: np.full(min(len(pixels), config.e2e_batch_size), -1, np.int32)})[C.CAM]
-    written = parquet_cams(work / "e2e-run")
-    diff = max(float(np.abs(written[str(p)] - cam).max()) for p, cam in zip(subset, direct))
-    check = {"contender": "end-to-end (JPEG -> Parquet)", "against": "model-only on the decoded images",
-             "cam_max_abs_diff": diff, "rows": len(written), "ok": diff <= 1e-5 and len(written) == len(subset)}
-    log(f"check: end-to-end Parquet CAMs vs model-only: max diff {diff:.1e}")
-    units = [end_to_end_unit(session, run, len(subset), runtime),
-             model_only_unit(session, pixels, config.e2e_batch_size, runtime)]
-    return units, check, paths
+    units: list[Unit] = []
+    checks: list[dict[str, Any]] = []
+    for backend, precision in _e2e_variants(config, artifact, device):
+        try:
+            session = GradCAMSession(artifact, SessionOptions(backend=backend, device=device, threads=config.threads,
+                                                              precision=precision))
+        except RunError as e:  # bf16 on a CPU without native bf16: not a contender here
+            log(f"end-to-end {backend} {precision} skipped: {e}")
+            continue
+        runtime = f"{backend}-{session.device}"
+        run = run_config(artifact.root, list_file, work / f"e2e-run-{backend}-{precision}", config.e2e_batch_size,
+                         backend, device, precision)
+        run_gradcam(run, session=session)
+        direct = session({C.IMAGES: pixels[:config.e2e_batch_size],
+                         C.CLASS_INDEX: np.full(min(len(pixels), config.e2e_batch_size), -1, np.int32)})[C.CAM]
+        written = parquet_cams(run.out)
+        diff = max(float(np.abs(written[str(p)] - cam).max()) for p, cam in zip(subset, direct))
+        e2e = end_to_end_unit(session, run, len(subset), runtime, precision)
+        ok = diff <= 1e-5 and len(written) == len(subset)
+        checks.append({"contender": e2e.contender, "against": "model-only on the decoded images",
+                       "cam_max_abs_diff": diff, "rows": len(written), "ok": ok})
+        log(f"check: {e2e.contender} Parquet CAMs vs model-only: max diff {diff:.1e}")
+        units += [e2e, model_only_unit(session, pixels, config.e2e_batch_size, runtime, precision)] if ok else []
+    return units, checks, paths
 
 
 def _dataset_sweep(config: BenchConfig, artifact: Any, work: Path, paths: list[Path], device: str,
@@ -268,7 +305,10 @@ def _model_units(built: Built, images: np.ndarray, config: BenchConfig) -> list[
             units.append(Unit(c.name, c.kind, c.runtime, c.precision, 1, n,
                               batched_run(c.call, images[:n], class_index[:n], 1)))
             continue
-        for b in config.batch_sizes:
+        # int8 and bf16 at the largest batch only (the side-by-side ratio), but for the hardware sweep
+        reduced = c.precision in ("int8", "bf16") and not config.hardware
+        sizes = [max(config.batch_sizes)] if reduced else config.batch_sizes
+        for b in sizes:
             units.append(Unit(c.name, c.kind, c.runtime, c.precision, b, len(images),
                               batched_run(c.call, images, class_index, b)))
     return units
@@ -332,6 +372,20 @@ def contender_memory(built: Built, config: BenchConfig, input_size: tuple[int, i
     return out
 
 
+def _export_request(config: BenchConfig, work: Path) -> tuple[str, str | None]:
+    """The precisions to export and the path list int8 is calibrated on (scene JPEGs, not the timed images):
+    fp16 in hardware mode; int8 when asked for; bf16's gate figures where this CPU runs bf16 natively."""
+    from gradcam_engine.engine.cpu import native_bf16
+
+    precisions = ["fp32", *(["fp16"] if config.hardware else [])]
+    precisions += ["int8"] if "int8" in config.precisions else []
+    precisions += ["bf16"] if "bf16" in config.precisions and native_bf16() else []
+    if precisions in (["fp32"], ["fp32", "fp16"]):  # nothing to calibrate; fp16 is judged on random images
+        return ",".join(precisions), None
+    calibration = jpeg_set(work / "calibration", CALIBRATION_IMAGES, seed=config.seed + 1000)
+    return ",".join(precisions), str(path_list(calibration, work / f"calibration-{CALIBRATION_IMAGES}.txt"))
+
+
 def run_bench(config: BenchConfig, log: Log = lambda _: None) -> dict[str, Any]:
     """Everything the bench measures, as one JSON-ready dict (also written to config.json_path / plot_path)."""
     from gradcam_engine.engine.artifact import load_artifact
@@ -344,7 +398,8 @@ def run_bench(config: BenchConfig, log: Log = lambda _: None) -> dict[str, Any]:
     machine = machine_info()
     work = Path(config.work_dir) if config.work_dir else default_work_dir()
     work.mkdir(parents=True, exist_ok=True)
-    model = prepare_model(config.model, work, config.preprocess, "both" if config.hardware else "fp32", config.seed)
+    precision, calibrate = _export_request(config, work)
+    model = prepare_model(config.model, work, config.preprocess, precision, config.seed, calibrate)
     log(f"model {model.name}: artifact {model.artifact} "
         + (f"(exported in {model.export_seconds:.0f} s)" if model.export_seconds else "(cached export)"))
     artifact = load_artifact(model.artifact)
@@ -367,9 +422,9 @@ def run_bench(config: BenchConfig, log: Log = lambda _: None) -> dict[str, Any]:
     run_work = work / "runs" / model.cache.name
     paths: list[Path] = []
     if "e2e" in config.backends and not config.hardware:
-        e2e_units, e2e_check, paths = _end_to_end(config, artifact, run_work, device, log)
-        checks.append(e2e_check)
-        units += e2e_units if e2e_check["ok"] else []
+        e2e_units, e2e_checks, paths = _end_to_end(config, artifact, run_work, device, log)
+        checks += e2e_checks
+        units += e2e_units
     timings = round_robin(units, config.reps, log=log)
     memory = contender_memory(built, config, artifact.input_size, log) if config.memory else {}
     rows = _rows(timings, built, memory)
@@ -384,6 +439,7 @@ def run_bench(config: BenchConfig, log: Log = lambda _: None) -> dict[str, Any]:
                   "methods": list(_methods_of(built)),
                   "files": sorted({k.split("/")[0] for k in artifact.manifest.get("files", {})})},
         "checks": checks, "skipped": built.skipped, "results": rows, "dataset_sweep": sweep,
+        "precision_gate": artifact.manifest.get("precision_gate"),
     }
     report["targets"] = targets(report)
     report["wall_seconds"] = time.perf_counter() - wall
@@ -396,7 +452,8 @@ def run_bench(config: BenchConfig, log: Log = lambda _: None) -> dict[str, Any]:
 
 
 _PRESETS: dict[tuple[bool, bool], dict[str, Any]] = {
-    # (quick, hardware): sized so --quick with the seed ResNet50 fits in 10 minutes on 2 CPU cores, export included
+    # (quick, hardware): sized so --quick with the seed ResNet50 (fp32, int8, bf16 and end to end) fits in about 15
+    # minutes on 2 quiet CPU cores, export included
     (True, False): dict(batch_sizes=(1, 8, 32), images=32, reference_images=8, reps=5, e2e_images=32,
                         e2e_batch_size=16, dataset_sizes=(200, 2000)),
     (False, False): dict(batch_sizes=(1, 8, 16, 32, 64), images=64, reference_images=16, reps=7, e2e_images=256,

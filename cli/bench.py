@@ -24,7 +24,7 @@ def _bench(args: argparse.Namespace) -> int:
         reps=args.reps, e2e_images=args.e2e_images, e2e_batch_size=args.e2e_batch_size,
         dataset_sizes=_positive(_list(args.dataset_sizes, int)), device=args.device, threads=args.threads,
         preprocess=args.preprocess, work_dir=args.work_dir, json_path=args.json, plot_path=args.plot,
-        methods=_list(args.methods))
+        methods=_list(args.methods), precisions=_list(args.precisions))
     start = time.perf_counter()
 
     def log(message: str) -> None:
@@ -40,7 +40,7 @@ def _bench(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `bench` subcommand."""
     from gradcam_engine.bench.contenders.models import SEED_RESNET50
-    from gradcam_engine.bench.main import CONTENDER_GROUPS
+    from gradcam_engine.bench.main import BENCH_PRECISIONS, CONTENDER_GROUPS
 
     p = sub.add_parser("bench", help="benchmark the fused graph against the per-image reference, forward-only "
                                      "and end to end")
@@ -65,6 +65,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preprocess", choices=C.PREPROCESSING,
                    help="input scaling for a .keras --model (seed-resnet50 uses caffe)")
     p.add_argument("--work-dir", help="cache of exports and JPEG sets (default ~/.cache/gradcam-engine/bench)")
+    p.add_argument("--precisions", nargs="+",
+                   help=f"on CPU, any of {' '.join(BENCH_PRECISIONS)} (default: all; int8 exports an int8 file "
+                        "calibrated on scene images, bf16 needs a CPU with avx512_bf16 or AMX)")
     p.add_argument("--json", help="write the full report as JSON")
     p.add_argument("--plot", help="write the img/s chart as PNG")
     p.set_defaults(handler=_bench)

@@ -21,7 +21,8 @@ def _export(args: argparse.Namespace) -> int:
     options = ExportOptions(
         layer=args.layer, preprocessing=args.preprocess, opset=args.opset, precision=args.precision,
         score=args.score, class_names=read_class_names(args.classes) if args.classes else None,
-        input_size=args.input_size, overwrite=args.overwrite, methods=methods)
+        input_size=args.input_size, overwrite=args.overwrite, methods=methods, calibrate=args.calibrate,
+        calibration_images=args.calibration_images, keep_failing=args.keep_failing)
     manifest = export_artifact(args.model, args.out, options)
     print(summary(manifest, args.out))
     return 0
@@ -46,7 +47,29 @@ def summary(manifest: dict[str, Any], out: str) -> str:
                          f"top-1 agreement {check['top1_agreement']:.0%}")
         else:
             lines.append(f"  {file}: {check}")
-    return "\n".join(lines)
+    return "\n".join(lines + gate_lines(manifest))
+
+
+def gate_lines(manifest: dict[str, Any]) -> list[str]:
+    """The precision gate's figures for every reduced-precision file, passed or not."""
+    from gradcam_engine.export.gate import summary as figures
+
+    gate = manifest.get("precision_gate")
+    if not gate:
+        return []
+    images = gate["images"]
+    lines = [f"  precision gate vs fp32 on {images['images']} {images['kind']}:"]
+    for label, entry in gate["results"].items():
+        outcome = "passed"
+        if not entry["passed"]:
+            kept = entry.get("kept_although_failed")
+            outcome = f"FAILED {', '.join(entry['failed'])}, {'kept (--keep-failing)' if kept else 'not written'}"
+        front = entry.get("fp32_front", {})
+        if front.get("convolutions"):
+            outcome += f"; first {front['convolutions']} of {front['of']} convolutions in fp32"
+        name = label if entry["precision"] in label else f"{label} ({entry['precision']})"
+        lines.append(f"    {name}: {figures(entry['figures'])}: {outcome}")
+    return lines
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -65,7 +88,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="input scaling built into the graph (caffe: ResNet50/VGG, tf: MobileNet, torch: DenseNet)")
     ex.add_argument("--classes", help="class names: a text file (one per line) or a JSON list")
     ex.add_argument("--opset", type=int, default=default(ExportOptions, "opset"))
-    ex.add_argument("--precision", default=default(ExportOptions, "precision"), choices=EXPORT_PRECISIONS)
+    ex.add_argument("--precision", default=default(ExportOptions, "precision"), metavar="LIST",
+                    help=f"comma list of {', '.join(EXPORT_PRECISIONS)} (both = fp32,fp16); fp32 is always written "
+                         "and every other precision is judged against it by the precision gate")
+    ex.add_argument("--calibrate", nargs="+", metavar="INPUT",
+                    help="your images (directory, glob, path list, .tar, URI, as `gradcam run` takes): int8 is "
+                         "calibrated on them and every reduced precision judged on a held-out quarter")
+    ex.add_argument("--calibration-images", type=int, default=default(ExportOptions, "calibration_images"),
+                    metavar="N", help="a deterministic sample of at most N of those images")
+    ex.add_argument("--keep-failing", action="store_true",
+                    help="write a reduced-precision file even when it misses the precision gate (figures recorded)")
     ex.add_argument("--score", default=default(ExportOptions, "score"), choices=SCORES,
                     help="what is differentiated: the class logit (Grad-CAM paper), or the model's output as the "
                          "seed notebook does (the softmax probability)")

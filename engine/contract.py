@@ -41,7 +41,10 @@ FP16_SCOPE = "backbone/"
 MANIFEST = "manifest.json"
 ONNX_FILE = "model.onnx"
 ONNX_FP16_FILE = "model_fp16.onnx"
+ONNX_INT8_FILE = "model_int8.onnx"
 SAVED_MODEL_DIR = "saved_model"
 SAVED_MODEL_FP16_DIR = "saved_model_fp16"
 SIGNATURE = "serving_default"
+# The precision gate's entry for bf16, which has no file of its own: TensorFlow runs saved_model in bf16.
+BF16_GATE_LABEL = "saved_model (bf16)"
 MANIFEST_VERSION = 1

@@ -7,6 +7,7 @@ class registered by name with `@backend`; a new runtime is one class.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -19,7 +20,11 @@ from gradcam_engine.engine.errors import RunError
 
 Arrays = dict[str, np.ndarray]
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "fp16")  # what a run may ask for; auto: fp16 on CUDA when the artifact has it
+# What a run may ask for. auto: fp16 on CUDA when the artifact has it, else fp32 (never int8 or bf16). fast: the
+# reduced precision that is fastest for this backend and device (int8 on ONNX Runtime CPU, bf16 on TensorFlow with a
+# native-bf16 CPU, fp16 on CUDA) when the artifact has it and it passed the precision gate, else fp32.
+PRECISIONS = ("auto", "fast", "fp32", "fp16", "int8", "bf16")
+_EXPORT_HINT = {"fp16": "--precision fp32,fp16", "int8": "--precision fp32,int8 --calibrate IMAGES"}
 
 
 @dataclass(frozen=True)
@@ -29,7 +34,7 @@ class SessionOptions:
     backend: str = "onnx"          # onnx | tf
     device: str = "auto"           # auto | cpu | cuda
     threads: int = 0               # intra-op threads; 0 = the runtime's default
-    precision: str = "auto"        # auto (fp16 on CUDA when the artifact has it) | fp32 | fp16
+    precision: str = "auto"        # one of PRECISIONS
     io_binding: bool | None = None  # None: on for CUDA. Inputs go to the device once, only needed outputs come back
     fixed_batch: int = 0           # pad every batch to this size (stable shapes; required by cuda_graph)
     cuda_graph: bool = False       # ONNX Runtime CUDA graphs: replay one captured graph per batch
@@ -92,29 +97,41 @@ def cuda_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
-def choose_precision(requested: str, device: str, available: dict[str, str]) -> str:
-    """fp16 on CUDA when the artifact has it (auto), else fp32; an explicit request must exist in the artifact."""
+def choose_precision(requested: str, device: str, available: dict[str, str], fast: tuple[str, ...] = ()) -> str:
+    """auto: fp16 on CUDA when the artifact has it, else fp32. fast: the first of the backend's `fast` precisions
+    the artifact offers, else as auto. An explicit request must exist in the artifact."""
     if requested not in PRECISIONS:
         raise RunError(f"unknown precision {requested!r}; choose {', '.join(PRECISIONS)}")
+    if requested == "fast":
+        chosen = next((p for p in fast if p in available), None)
+        if chosen:
+            return chosen
+        requested = "auto"
     if requested == "auto":
         if device == "cuda" and "fp16" in available:
             return "fp16"
         return "fp32" if "fp32" in available else "fp16"
     if requested not in available:
         raise RunError(f"--precision {requested}: the artifact has no {requested} file for this backend; "
-                       f"re-export with --precision {requested} or both")
+                       f"re-export with {_EXPORT_HINT.get(requested, f'--precision fp32,{requested}')}")
     return requested
+
+
+def gate_passed(artifact: Artifact, label: str) -> bool:
+    """Whether export's precision gate passed this file (True when it was not judged): `fast` never picks a file
+    that was kept although it failed."""
+    return bool(artifact.manifest.get("precision_gate", {}).get("results", {}).get(label, {}).get("passed", True))
 
 
 def _onnx_files(artifact: Artifact) -> dict[str, str]:
     files = {}
     for name, precision in artifact.manifest.get("precision", {C.ONNX_FILE: "fp32"}).items():
         if name.endswith(".onnx"):
-            files["fp16" if precision == "fp16" else "fp32"] = name
+            files[precision if precision in ("fp16", "int8") else "fp32"] = name
     return files
 
 
-def onnx_session(path: str | Path, cuda: bool, threads: int = 0, cuda_graph: bool = False,
+def onnx_session(path: str | Path | bytes, cuda: bool, threads: int = 0, cuda_graph: bool = False,
                  trt_cache: str | None = None) -> Any:
     """An ONNX Runtime session set up for throughput; the one setup the engine, the bench and the GPU check share,
     so a Grad-CAM graph and its forward-only counterpart are always compared on equal terms.
@@ -139,7 +156,8 @@ def onnx_session(path: str | Path, cuda: bool, threads: int = 0, cuda_graph: boo
             Path(trt_cache).mkdir(parents=True, exist_ok=True)
             providers.insert(0, ("TensorrtExecutionProvider", {
                 "trt_fp16_enable": "True", "trt_engine_cache_enable": "True", "trt_engine_cache_path": trt_cache}))
-    return ort.InferenceSession(str(path), session_options, providers=providers)
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, session_options, providers=providers)
 
 
 @backend("onnx")
@@ -154,8 +172,13 @@ class OnnxBackend:
         if options.device == "cuda" and not cuda_available():
             raise RunError("--device cuda: this onnxruntime has no CUDA provider; install gradcam-engine[gpu] "
                            "(onnxruntime-gpu) or use --device cpu")
+        if options.precision == "bf16":
+            raise RunError("--precision bf16: ONNX Runtime has no bf16 kernels for CPU (Conv, MatMul, Relu, Add are "
+                           "not implemented for bfloat16); use --backend tf --precision bf16")
         files = _onnx_files(artifact)
-        self.precision = choose_precision(options.precision, "cuda" if want_cuda else "cpu", files)
+        fast = ("fp16",) if want_cuda else ("int8",)
+        fast = tuple(p for p in fast if p in files and gate_passed(artifact, files[p]))
+        self.precision = choose_precision(options.precision, "cuda" if want_cuda else "cpu", files, fast)
         path = artifact.path(files[self.precision])
         verify_files(artifact, [files[self.precision]])  # checksum of the file actually loaded
 
@@ -236,7 +259,20 @@ class TFBackend:
         available = {("fp16" if p != "fp32" else "fp32"): name
                      for name, p in artifact.manifest.get("precision", {C.SAVED_MODEL_DIR: "fp32"}).items()
                      if not name.endswith(".onnx")}
-        self.precision = choose_precision(options.precision, self.device, available)
+        if options.precision == "int8":
+            raise RunError("--precision int8: the int8 file is an ONNX graph; use --backend onnx")
+        fast = ("fp16",) if self.device == "cuda" else ()
+        if "fp32" in available and self.device == "cpu":
+            fast = _bf16_fast(artifact) if options.precision == "fast" else ()
+            if options.precision == "bf16":
+                from gradcam_engine.engine.bf16 import require_bf16
+
+                require_bf16()
+            available["bf16"] = available["fp32"]  # bf16 is the fp32 SavedModel run under oneDNN bf16
+        elif options.precision == "bf16":
+            raise RunError("--precision bf16 runs on CPU (TensorFlow's oneDNN) from the fp32 SavedModel; on a GPU "
+                           "use fp16")
+        self.precision = choose_precision(options.precision, self.device, available, fast)
         verify_files(artifact, [available[self.precision]])
         self._tf = tf
         self._device_name = "/GPU:0" if self.device == "cuda" else "/CPU:0"
@@ -248,11 +284,22 @@ class TFBackend:
         return images, class_index
 
     def run_prepared(self, feed: Any, outputs: tuple[str, ...]) -> Arrays:
+        from gradcam_engine.engine.bf16 import tf_bfloat16
+
         tf = self._tf
         images, class_index = feed
-        with tf.device(self._device_name):
+        with tf.device(self._device_name), (tf_bfloat16(tf) if self.precision == "bf16" else nullcontext()):
             result = self._fn(**{C.IMAGES: tf.constant(images), C.CLASS_INDEX: tf.constant(class_index)})
-        return {k: result[k].numpy() for k in outputs}
+            return {k: result[k].numpy() for k in outputs}
+
+
+def _bf16_fast(artifact: Artifact) -> tuple[str, ...]:
+    """("bf16",) when --precision fast may pick bf16 here: a native-bf16 CPU, oneDNN on, the gate not failed."""
+    from gradcam_engine.engine.bf16 import onednn_enabled
+    from gradcam_engine.engine.cpu import native_bf16
+
+    ok = native_bf16() and onednn_enabled() and gate_passed(artifact, C.BF16_GATE_LABEL)
+    return ("bf16",) if ok else ()
 
 
 def onnx_signature(session: Any) -> GraphSignature:

@@ -17,7 +17,7 @@ from gradcam_engine.export.errors import ExportError
 from gradcam_engine.export.methods import check_methods, summary
 
 ModelLike = Any  # a .keras/.h5 path, "module.py:function", a Keras or tf_keras model, or a (backbone, head) pair
-EXPORT_PRECISIONS = ("fp32", "fp16", "both")
+EXPORT_PRECISIONS = ("fp32", "fp16", "int8", "bf16", "both")  # --precision takes a comma list (export.precisions)
 SCORES = ("logit", "output")  # what is differentiated: the class logit (Grad-CAM paper) or the model's own output
 DEFAULT_OPSET = 17
 
@@ -31,11 +31,14 @@ class ExportOptions:
     class_names: Sequence[str] | None = None
     opset: int = DEFAULT_OPSET
     input_size: tuple[int, int] | None = None  # read from the model (or a pair's backbone) when its input is fixed
-    precision: str = "fp32"                    # one of EXPORT_PRECISIONS
+    precision: str = "fp32"                    # comma list of EXPORT_PRECISIONS; fp32 is always written
     score: str = "logit"                       # one of SCORES: "output" differentiates the softmax probability
     overwrite: bool = False
     verify_batch_sizes: tuple[int, ...] = field(default=(1, 3))
     methods: tuple[str, ...] = (C.DEFAULT_METHOD,)  # CAM methods (export.methods), in output order; `cam` = the first
+    calibrate: Sequence[str] | None = None     # input specs of the user's images: int8 calibration, precision gate
+    calibration_images: int = 200              # a deterministic sample of at most this many; a quarter held out
+    keep_failing: bool = False                 # write a reduced-precision file that misses the precision gate
 
 
 @dataclass
@@ -158,11 +161,12 @@ def _check_writable(out: Path, overwrite: bool) -> None:
 def _check_options(options: ExportOptions) -> None:
     if options.preprocessing not in C.PREPROCESSING:
         raise ExportError(f"unknown preprocessing {options.preprocessing!r}; choose {', '.join(C.PREPROCESSING)}")
-    if options.precision not in EXPORT_PRECISIONS:
-        raise ExportError(f"unknown precision {options.precision!r}; choose {', '.join(EXPORT_PRECISIONS)}")
+    from gradcam_engine.export.precisions import check_request
+
     if options.score not in SCORES:
         raise ExportError(f"unknown score {options.score!r}; choose {', '.join(SCORES)}")
     check_methods(options.methods)
+    check_request(options.precision, options.calibrate, options.calibration_images)
 
 
 def export_artifact(model: ModelLike, out: str | Path, options: ExportOptions = ExportOptions()) -> dict[str, Any]:
@@ -195,24 +199,14 @@ def export_artifact(model: ModelLike, out: str | Path, options: ExportOptions = 
     try:
         precision: dict[str, str] = {}
         checks: dict[str, Any] = {}
-        if options.precision in ("fp32", "both"):
-            _save(module, tmp / C.SAVED_MODEL_DIR, concrete)
-            (tmp / C.ONNX_FILE).write_bytes(proto.SerializeToString())
-            checks[C.ONNX_FILE] = fused.check
-            precision.update({C.SAVED_MODEL_DIR: "fp32", C.ONNX_FILE: "fp32"})
-        if options.precision in ("fp16", "both"):
-            from gradcam_engine.export.fp16 import to_fp16
-
-            half = to_fp16(proto)
-            checks[C.ONNX_FP16_FILE] = _write_onnx(tmp / C.ONNX_FP16_FILE, half, module.gradcam, parts.input_size,
-                                                   options, "fp16")
-            precision[C.ONNX_FP16_FILE] = "fp16"
-            note = _write_fp16_saved_model(tmp / C.SAVED_MODEL_FP16_DIR, parts, options)
-            if note is None:
-                precision[C.SAVED_MODEL_FP16_DIR] = "mixed_float16"
-            else:
-                checks[C.SAVED_MODEL_FP16_DIR] = note
+        _save(module, tmp / C.SAVED_MODEL_DIR, concrete)
+        (tmp / C.ONNX_FILE).write_bytes(proto.SerializeToString())
+        checks[C.ONNX_FILE] = fused.check
+        precision.update({C.SAVED_MODEL_DIR: "fp32", C.ONNX_FILE: "fp32"})
+        gate = _write_reduced_precisions(tmp, proto, module, parts, options, precision, checks)
         manifest = _manifest(parts, options, facts, precision, checks)
+        if gate is not None:
+            manifest["precision_gate"] = gate
         manifest["files"] = file_table(tmp, list(precision))
         (tmp / C.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if out.exists():
@@ -284,7 +278,8 @@ def _save(module: Any, path: Path, concrete: Any) -> None:
 
 
 def _check_onnx(proto: Any, fn: Any, size: tuple[int, int], options: ExportOptions, precision: str) -> dict[str, Any]:
-    """onnx.checker, then ONNX Runtime against the TensorFlow function; returns the figures, or refuses."""
+    """onnx.checker, then ONNX Runtime against the TensorFlow function; returns the figures, or refuses (an fp32
+    graph that disagrees; a reduced precision's figures are judged by the precision gate, export.gate)."""
     import onnx
 
     from gradcam_engine.export.to_onnx import verify
@@ -303,6 +298,17 @@ def _write_onnx(path: Path, proto: Any, fn: Any, size: tuple[int, int], options:
     checks = _check_onnx(proto, fn, size, options, precision)
     path.write_bytes(proto.SerializeToString())
     return checks
+
+
+def _write_reduced_precisions(root: Path, proto: Any, module: Any, parts: ModelParts, options: ExportOptions,
+                              precision: dict[str, str], checks: dict[str, Any]) -> dict[str, Any] | None:
+    """fp16, int8 and bf16 as asked, each judged by the precision gate (export.precisions); the gate's record."""
+    from gradcam_engine.export.precisions import write_reduced
+
+    return write_reduced(
+        root, proto, options, precision, checks,
+        write_onnx=lambda path, graph, p: _write_onnx(path, graph, module.gradcam, parts.input_size, options, p),
+        write_fp16_saved_model=lambda path: _write_fp16_saved_model(path, parts, options))
 
 
 def _write_fp16_saved_model(path: Path, parts: ModelParts, options: ExportOptions) -> str | None:

@@ -13,31 +13,37 @@ import numpy as np
 from gradcam_engine.engine import contract as C
 from gradcam_engine.export.methods import EIGENCAM
 
-# fp32: the contract (a CAM may differ from the per-image reference by summation order only). fp16: CAMs compared for
-# the same class; a near-tie may flip the top-1 of a random model, so top-1 agreement is recorded and checked on
-# real data by the tests.
+# fp32: the contract (a CAM may differ from the per-image reference by summation order only). Reduced precisions
+# (fp16, int8, bf16) are judged by the precision gate (export.gate) on figures from precision_figures below.
 TOLERANCES: dict[str, dict[str, float]] = {
     "fp32": {"cam_max_abs_diff": 1e-4, "predictions_rel_diff": 1e-4, "cam_min_correlation": 0.999,
              "cams_max_abs_diff": 1e-4},
-    "fp16": {"cam_max_abs_diff": 0.05, "predictions_rel_diff": 0.05, "cam_min_correlation": 0.99,
-             "cams_max_abs_diff": 0.05},
 }
 # Eigen-CAM is compared only on images whose first principal direction is defined: where the top two eigenvalues of
 # the centred activations' Gram matrix are within this fraction of each other, any direction in their plane is as
 # right as another, and two correct implementations may return different ones.
 EIGEN_MIN_GAP = 0.05
 HIGHER_IS_BETTER = frozenset({"cam_min_correlation", "top1_agreement"})
+# A top-1 change counts as a near-tie when fp32 itself scores the two classes within this fraction of its largest
+# |prediction|: either class is then the model's answer, and any rounding may swap them.
+NEAR_TIE = 0.01
+
+
+def cam_correlations(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-image Pearson correlation of two CAM batches (1.0 for two equal flat maps, 0.0 for a flat one and not)."""
+    out = np.empty(len(a))
+    flat_a, flat_b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    for i, (x, y) in enumerate(zip(flat_a, flat_b)):
+        if x.std() == 0 or y.std() == 0:
+            out[i] = 1.0 if np.allclose(x, y, atol=1e-3) else 0.0
+        else:
+            out[i] = float(np.corrcoef(x, y)[0, 1])
+    return out
 
 
 def cam_correlation(a: np.ndarray, b: np.ndarray) -> float:
     """Smallest per-image Pearson correlation of two CAM batches (1.0 for two identical flat maps)."""
-    worst = 1.0
-    for x, y in zip(a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)):
-        if x.std() == 0 or y.std() == 0:
-            worst = min(worst, 1.0 if np.allclose(x, y, atol=1e-3) else 0.0)
-        else:
-            worst = min(worst, float(np.corrcoef(x, y)[0, 1]))
-    return worst
+    return float(cam_correlations(a, b).min()) if len(a) else 1.0
 
 
 def eigen_gap(feature_maps: np.ndarray) -> np.ndarray:
@@ -87,6 +93,42 @@ def worst_of(runs: list[dict[str, float]]) -> dict[str, float]:
         for k, v in figures.items():
             worst[k] = min(worst.get(k, v), v) if k in HIGHER_IS_BETTER else max(worst.get(k, v), v)
     return worst
+
+
+def precision_figures(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> dict[str, float]:
+    """What a user sees change between fp32 (reference, its own top-1 explained) and a reduced precision (candidate,
+    run with the reference's target classes so the CAMs compare): top-1 changes, near-ties counted apart; CAM
+    correlation mean and worst; CAM max abs diff; predictions diff; and fp32's feature-map peak, which tells when
+    activations are below a format's range."""
+    pred_ref, pred = reference[C.PREDICTIONS].astype(np.float64), candidate[C.PREDICTIONS].astype(np.float64)
+    n = len(pred_ref)
+    scale = max(float(np.abs(pred_ref).max()), 1e-30)
+    top_ref, top = pred_ref.argmax(-1), pred.argmax(-1)
+    changed = np.flatnonzero(top_ref != top)
+    margins = pred_ref[changed, top_ref[changed]] - pred_ref[changed, top[changed]]
+    decisive = int((margins > NEAR_TIE * scale).sum())
+    figures: dict[str, float] = {
+        "images": n,
+        "top1_agreement": float(1 - len(changed) / n),
+        "top1_changed": int(len(changed)),
+        "top1_changed_near_ties": int(len(changed) - decisive),
+        "top1_agreement_beyond_ties": float(1 - decisive / n),
+        "top1_largest_margin_changed": float(margins.max() / scale) if len(changed) else 0.0,
+        "predictions_rel_diff": float(np.abs(pred_ref - pred).max() / scale),
+    }
+    if C.CAM in reference and C.CAM in candidate:  # (a forward-only graph has predictions alone)
+        corr = cam_correlations(reference[C.CAM], candidate[C.CAM])
+        ref_live = reference[C.CAM].reshape(n, -1).max(-1) > 0
+        cand_live = candidate[C.CAM].reshape(n, -1).max(-1) > 0
+        figures.update({
+            "cam_corr_mean": float(corr.mean()),
+            "cam_corr_worst": float(corr.min()),
+            "cam_max_abs_diff": float(np.abs(reference[C.CAM].astype(np.float64) - candidate[C.CAM]).max()),
+            "cams_lost": int((ref_live & ~cand_live).sum()),  # all-zero maps where fp32's are not
+        })
+    if C.FEATURE_MAPS in reference:
+        figures["feature_maps_peak"] = float(np.abs(reference[C.FEATURE_MAPS]).max())
+    return figures
 
 
 def failures(figures: dict[str, float], precision: str) -> list[str]:

@@ -12,7 +12,7 @@ from gradcam_engine.engine import contract as C
 from gradcam_engine.engine.errors import first_line
 from gradcam_engine.export.api import DEFAULT_OPSET
 from gradcam_engine.export.errors import ExportError
-from gradcam_engine.export.parity import compare, failures, worst_of
+from gradcam_engine.export.parity import TOLERANCES, compare, failures, worst_of
 
 
 def convert(fn: Any, opset: int = DEFAULT_OPSET, metadata: dict[str, str] | None = None) -> onnx.ModelProto:
@@ -60,7 +60,8 @@ def _fold_captured_constants(proto: onnx.ModelProto, concrete: Any) -> None:
 
 def verify(fn: Any, model_bytes: bytes, input_size: tuple[int, int], batch_sizes: tuple[int, ...] = (1, 3),
            precision: str = "fp32", seed: int = 0, methods: tuple[str, ...] = (C.DEFAULT_METHOD,)) -> dict[str, Any]:
-    """Run ONNX Runtime and TensorFlow side by side on random images; refuse a graph that disagrees."""
+    """Run ONNX Runtime and TensorFlow side by side on random images; refuse an fp32 graph that disagrees (a reduced
+    precision's figures are recorded here and judged by the precision gate, export.gate)."""
     import onnxruntime as ort
 
     try:
@@ -81,7 +82,7 @@ def verify(fn: Any, model_bytes: bytes, input_size: tuple[int, int], batch_sizes
                 from None
         runs.append(compare(ref, got, methods))
     worst = worst_of(runs)
-    failed = failures(worst, precision)
+    failed = failures(worst, precision) if precision in TOLERANCES else []
     if failed:
         raise ExportError(f"the {precision} ONNX graph disagrees with TensorFlow on {', '.join(failed)} "
                           f"({worst}); refusing to write it")

@@ -10,7 +10,7 @@ import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pytest
@@ -359,3 +359,15 @@ def keepdims_head_case(artifacts_dir: Path) -> ExportedCase:
 
 CASE_FIXTURES = ("resnet50_case", "nested_mobilenet_case", "small_cnn_case", "efficientnet_case", "pair_case",
                  "max_pool_head_case", "keepdims_head_case")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """One small local Ray for the module that asks for it, shut down at its end. A module sets RAY_CPUS to give the
+    cluster a CPU count of its own (2 by default)."""
+    import ray  # the dev extra installs it: a missing Ray fails here rather than skipping
+
+    ray.init(address="local", num_cpus=getattr(request.module, "RAY_CPUS", 2), object_store_memory=200 << 20,
+             include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -42,6 +42,21 @@ class SmallArtifact:
         return int(self.manifest["cam"]["height"]), int(self.manifest["cam"]["width"])
 
 
+def tiny_cnn_file(path: Path, pooling: str, seed: int) -> Path:
+    """A seeded 32x32 Conv2D -> MaxPool -> Conv2D("last_conv") -> `pooling` ("gap" or "flatten") -> Dense(3, softmax)
+    classifier, saved as a .keras file for the commands that take one (the benchmarks)."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(inputs)
+    x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="last_conv")(x)
+    x = {"gap": keras.layers.GlobalAveragePooling2D, "flatten": keras.layers.Flatten}[pooling]()(x)
+    keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x), name=f"tiny_{pooling}").save(path)
+    return path
+
+
 _EXPORTED: dict[str, SmallArtifact] = {}
 
 

@@ -13,24 +13,12 @@ import pytest
 
 from gradcam_engine.engine import contract as C
 from gradcam_engine.export.methods import method_names
-
-
-def _tiny_cnn(path: Path) -> Path:
-    import keras
-
-    keras.utils.set_random_seed(6)
-    inputs = keras.Input((32, 32, 3))
-    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(inputs)
-    x = keras.layers.MaxPooling2D()(x)
-    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="last_conv")(x)
-    x = keras.layers.Flatten()(x)
-    keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x), name="tiny_flatten").save(path)
-    return path
+from engine_support import tiny_cnn_file
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _tiny_cnn(tmp_path_factory.mktemp("bench_methods") / "tiny.keras")
+    return tiny_cnn_file(tmp_path_factory.mktemp("bench_methods") / "tiny.keras", "flatten", 6)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 from gradcam_engine.bench.measure.images import scene_images
 from gradcam_engine.cli.main import main
 from gradcam_engine.engine import contract as C
-from gradcam_engine.engine.session import GradCAMSession
+from gradcam_engine.engine.session import GradCAMSession, SessionOptions
 from engine_support import lively, pearson
 
 HEIGHT, WIDTH = 40, 56
@@ -85,7 +85,7 @@ def test_a_model_without_a_fixed_size_needs_input_size(free_size_model: Path, tm
     assert not (tmp_path / "artifact").exists()
 
 
-def test_precision_fp16_alone_writes_only_the_half_precision_files_and_the_engine_runs_them(
+def test_precision_fp16_writes_the_half_precision_files_beside_fp32_and_the_engine_runs_them(
         free_size_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "artifact"
     code = main(["export", str(free_size_model), "--out", str(out), "--input-size", f"{HEIGHT}x{WIDTH}",
@@ -94,11 +94,13 @@ def test_precision_fp16_alone_writes_only_the_half_precision_files_and_the_engin
     assert code == 0, err
     assert "model_fp16.onnx (fp16) vs TensorFlow fp32" in printed
     manifest = json.loads((out / C.MANIFEST).read_text())
-    assert manifest["precision"] == {C.ONNX_FP16_FILE: "fp16", C.SAVED_MODEL_FP16_DIR: "mixed_float16"}
-    assert {p.name for p in out.iterdir()} == {C.MANIFEST, C.ONNX_FP16_FILE, C.SAVED_MODEL_FP16_DIR}
-    assert {rel.split("/")[0] for rel in manifest["files"]} == {C.ONNX_FP16_FILE, C.SAVED_MODEL_FP16_DIR}
+    # fp32 is always written: the half-precision files are derived from it and judged against it
+    assert manifest["precision"] == {C.ONNX_FILE: "fp32", C.SAVED_MODEL_DIR: "fp32", C.ONNX_FP16_FILE: "fp16",
+                                     C.SAVED_MODEL_FP16_DIR: "mixed_float16"}
+    assert {p.name for p in out.iterdir()} == {C.MANIFEST, *manifest["precision"]}
+    assert {rel.split("/")[0] for rel in manifest["files"]} == set(manifest["precision"])
 
-    session = GradCAMSession(out)  # auto on a CPU: the only file there is, fp16
+    session = GradCAMSession(out, SessionOptions(precision="fp16"))
     assert session.precision == "fp16"
     images = scene_images(6, (HEIGHT, WIDTH), seed=62)
     got = session({C.IMAGES: images})

@@ -11,7 +11,7 @@ import tarfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -22,16 +22,6 @@ from gradcam_engine.engine.session import SessionOptions
 from engine_support import (SmallArtifact, artifact, copy_artifact, encode, scene,  # noqa: F401 (fixture)
                             write_scenes)
 from rundir_support import journal_shards, run_json, slow_images
-
-
-@pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[Any]:
-    import ray  # the dev extra installs it: a missing Ray fails here rather than skipping
-
-    ray.init(address="local", num_cpus=2, object_store_memory=200 << 20, include_dashboard=False,
-             log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 def config(art: Path, inputs: list[Path], out: Path, **options: Any) -> RunConfig:

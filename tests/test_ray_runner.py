@@ -18,7 +18,7 @@ import sys
 import tarfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -33,6 +33,7 @@ from gradcam_engine.engine.rundir import RUN_JSON
 from gradcam_engine.engine.session import SessionOptions
 
 CLUSTER_CPUS = 3 if os.cpu_count() != 3 else 4
+RAY_CPUS = CLUSTER_CPUS  # the conftest's ray_cluster reads it: a count unlike this machine's, so the tests see it is the cluster's
 CAM_TOLERANCE = 1e-4
 SHARD_SIZE = 8  # several shards for 50 images, so resume has something to lose
 OVERLAYS = "12"
@@ -93,16 +94,6 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
     return root
-
-
-@pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[Any]:
-    """One small local Ray for the module, shut down at the end."""
-    import ray  # the dev extra installs it: a missing Ray fails here rather than skipping
-    ray.init(address="local", num_cpus=CLUSTER_CPUS, object_store_memory=200 << 20, include_dashboard=False,
-             log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture

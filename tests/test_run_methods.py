@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow.dataset as ds
@@ -240,16 +240,6 @@ def test_a_one_method_run_gives_the_same_gradcam_as_the_six_method_run(artifacts
 
 
 # --- Ray ----------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[Any]:
-    import ray  # the dev extra installs it: a missing Ray fails here rather than skipping
-
-    ray.init(address="local", num_cpus=2, object_store_memory=200 << 20, include_dashboard=False,
-             log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def test_the_ray_runner_writes_the_same_method_columns_and_overlays(ray_cluster: Any, artifacts: dict[str, Path],
                                                                     inputs: Path, six_run: Path,
                                                                     tmp_path: Path) -> None:

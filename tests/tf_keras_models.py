@@ -103,7 +103,6 @@ class GardenModel:
 
 def build(seed: int, softmax: bool) -> GardenModel:
     """A calibrated stand-in classifier (see the module docstring), deterministic for a seed."""
-    import tensorflow as tf
     import tf_keras
 
     tf_keras.utils.set_random_seed(seed)

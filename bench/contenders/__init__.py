@@ -29,7 +29,7 @@ class Contender:
     name: str          # "gradcam onnx-cpu", "forward tf-xla-cpu", "reference tf-eager-cpu"
     kind: str          # reference | gradcam | methods | forward
     runtime: str       # onnx-cpu | onnx-cuda | tf-cpu | tf-xla-cpu | tf-eager-cpu | ...
-    precision: str     # fp32 | fp16
+    precision: str     # fp32 | fp16 | int8 | bf16
     call: Call
     load_mb: float = 0.0
     per_image: bool = False  # the reference loops over images itself: one batch size only
@@ -65,7 +65,7 @@ def onnx_gradcam(artifact: Artifact, device: str = "cpu", precision: str = "fp32
     return Contender(_name(kind, runtime, precision), kind, runtime, precision, call, keep=session)
 
 
-def onnx_forward(path: Path, device: str = "cpu", threads: int = 0) -> Contender:
+def onnx_forward(path: Path, device: str = "cpu", threads: int = 0, precision: str = "fp32") -> Contender:
     """The forward-only ONNX graph, in a session configured like the engine's."""
     session = _ort_session(path, device, threads)
     output = session.get_outputs()[0].name
@@ -73,7 +73,24 @@ def onnx_forward(path: Path, device: str = "cpu", threads: int = 0) -> Contender
 
     def call(images: Array, class_index: Array) -> dict[str, Array]:
         return {C.PREDICTIONS: session.run([output], {C.IMAGES: images})[0]}
-    return Contender(_name(FORWARD, runtime, "fp32"), FORWARD, runtime, "fp32", call)
+    return Contender(_name(FORWARD, runtime, precision), FORWARD, runtime, precision, call)
+
+
+def _in_precision(call: Call, precision: str) -> Call:
+    """A TensorFlow call as it runs in `precision`: bf16 switches oneDNN's bf16 rewrite on around it (refused, with
+    the missing CPU feature named, where bf16 would only be emulated)."""
+    if precision != "bf16":
+        return call
+    import tensorflow as tf
+
+    from gradcam_engine.engine.bf16 import require_bf16, tf_bfloat16
+
+    require_bf16()
+
+    def bf16_call(images: Array, class_index: Array) -> dict[str, Array]:
+        with tf_bfloat16(tf):
+            return call(images, class_index)
+    return bf16_call
 
 
 def _tf_device(device: str) -> tuple[str, str]:
@@ -88,7 +105,7 @@ def load_saved_model(artifact: Artifact, device: str = "cpu", precision: str = "
     """The artifact's SavedModel, loaded once and shared by the plain and the XLA contender."""
     import tensorflow as tf
 
-    folder = C.SAVED_MODEL_DIR if precision == "fp32" else C.SAVED_MODEL_FP16_DIR
+    folder = C.SAVED_MODEL_FP16_DIR if precision == "fp16" else C.SAVED_MODEL_DIR  # bf16 runs the fp32 one
     with tf.device(_tf_device(device)[0]):
         return tf.saved_model.load(str(artifact.path(folder)))
 
@@ -110,13 +127,14 @@ def tf_gradcam(loaded: Any, jit: bool = False, device: str = "cpu", precision: s
     def call(images: Array, class_index: Array) -> dict[str, Array]:
         with tf.device(where):
             out = fn(tf.constant(images), tf.constant(class_index))
-        return {k: v.numpy() for k, v in out.items()}
+            return {k: v.numpy() for k, v in out.items()}
     runtime = f"tf-xla-{suffix}" if jit else f"tf-{suffix}"
-    return Contender(_name(kind, runtime, precision), kind, runtime, precision, call, keep=loaded)
+    return Contender(_name(kind, runtime, precision), kind, runtime, precision, _in_precision(call, precision),
+                     keep=loaded)
 
 
 def tf_forward(model: Any, preprocessing: str, input_size: tuple[int, int], jit: bool = False,
-               device: str = "cpu") -> Contender:
+               device: str = "cpu", precision: str = "fp32") -> Contender:
     """A tf.function of the Keras model's forward pass, the same uint8 input and preprocessing as the fused graph."""
     import tensorflow as tf
 
@@ -128,9 +146,9 @@ def tf_forward(model: Any, preprocessing: str, input_size: tuple[int, int], jit:
     def call(images: Array, class_index: Array) -> dict[str, Array]:
         with tf.device(where):
             out = fn(tf.constant(images))
-        return {C.PREDICTIONS: out[C.PREDICTIONS].numpy()}
+            return {C.PREDICTIONS: out[C.PREDICTIONS].numpy()}
     runtime = f"tf-xla-{suffix}" if jit else f"tf-{suffix}"
-    return Contender(_name(FORWARD, runtime, "fp32"), FORWARD, runtime, "fp32", call)
+    return Contender(_name(FORWARD, runtime, precision), FORWARD, runtime, precision, _in_precision(call, precision))
 
 
 # Not named `reference`: importing the submodule of that name sets it on this package, in place of a function.
@@ -166,6 +184,7 @@ class Sources:
     forward_onnx: str | None   # the forward-only ONNX graph, written beforehand by bench.forward
     threads: int = 0
     methods_artifact: str | None = None  # the same model exported with every method (the methods contenders)
+    forward_int8: str | None = None  # the int8 graph's forward part (bench.forward.forward_part), when it has one
 
 
 def make(spec: Spec, sources: Sources, shared: dict[str, Any] | None = None) -> Contender:
@@ -190,14 +209,16 @@ def make(spec: Spec, sources: Sources, shared: dict[str, Any] | None = None) -> 
     if spec.kind == GRADCAM and spec.backend == "onnx":
         return onnx_gradcam(artifact, spec.device, spec.precision, sources.threads)
     if spec.kind == FORWARD and spec.backend == "onnx":
-        return onnx_forward(Path(str(sources.forward_onnx)), spec.device, sources.threads)
+        path = sources.forward_int8 if spec.precision == "int8" else sources.forward_onnx
+        return onnx_forward(Path(str(path)), spec.device, sources.threads, spec.precision)
     jit = spec.backend == "tf-xla"
     if spec.kind == GRADCAM:
-        key = f"saved_model:{spec.device}:{spec.precision}"
+        folder = "fp16" if spec.precision == "fp16" else "fp32"
+        key = f"saved_model:{spec.device}:{folder}"
         if key not in shared:
-            shared[key] = load_saved_model(artifact, spec.device, spec.precision)
+            shared[key] = load_saved_model(artifact, spec.device, folder)
         return tf_gradcam(shared[key], jit, spec.device, spec.precision)
-    return tf_forward(keras_model(), sources.preprocessing, artifact.input_size, jit, spec.device)
+    return tf_forward(keras_model(), sources.preprocessing, artifact.input_size, jit, spec.device, spec.precision)
 
 
 def _methods(spec: Spec, sources: Sources, shared: dict[str, Any]) -> Contender:

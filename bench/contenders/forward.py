@@ -45,3 +45,19 @@ def export_forward_onnx(model: Any, preprocessing: str, input_size: tuple[int, i
     tmp.write_bytes(proto.SerializeToString())
     os.replace(tmp, out)
     return out
+
+
+def forward_part(fused: Path, out: Path) -> Path:
+    """Write (once) the forward part of a fused graph: images -> predictions, the gradient and CAM nodes cut away.
+    For the int8 graph this is its own forward-only counterpart: the same quantized backbone and float head."""
+    out = Path(out)
+    if out.is_file():
+        return out
+    import onnx
+    from onnx.utils import Extractor
+
+    part = Extractor(onnx.load(str(fused))).extract_model([C.IMAGES], [C.PREDICTIONS])
+    tmp = out.with_name(f".{out.name}.tmp")
+    onnx.save(part, str(tmp))
+    os.replace(tmp, out)
+    return out

@@ -24,6 +24,8 @@ SEED_CLASS_NAMES = ("cat", "dog")
 KERAS_FILE = "model.keras"
 ARTIFACT_DIR = "artifact"
 FORWARD_ONNX = "forward.onnx"
+FORWARD_INT8_ONNX = "forward_int8.onnx"
+CALIBRATION_IMAGES = 64   # int8 calibrates on 48 of them; the precision gate judges on the other 16
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ def _file_digest(path: Path) -> str:
     return sha256_file(path)
 
 
-def cache_key(spec: str, preprocessing: str, precision: str, seed: int) -> str:
+def cache_key(spec: str, preprocessing: str, precision: str, seed: int, calibrate: str | None = None) -> str:
     """Short hex key of what decides an export's bytes."""
     import keras
     import tensorflow as tf
@@ -82,23 +84,27 @@ def cache_key(spec: str, preprocessing: str, precision: str, seed: int) -> str:
 
     parts = {"spec": spec if spec == SEED_RESNET50 else _file_digest(Path(spec)), "preprocessing": preprocessing,
              "precision": precision, "seed": seed, "input": SEED_INPUT_SIZE if spec == SEED_RESNET50 else None,
+             "calibrate": calibrate,
              "export": _source_digest(), "tf": tf.__version__, "keras": keras.__version__,
              "tf2onnx": tf2onnx.__version__}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _export_cached(keras_path: Path, folder: Path, preprocessing: str, precision: str,
-                   class_names: tuple[str, ...] | None, methods: tuple[str, ...] = (C.DEFAULT_METHOD,)) -> float:
-    """Export into folder/artifact unless a complete one is there; returns the seconds spent exporting."""
+                   class_names: tuple[str, ...] | None, calibrate: str | None = None,
+                   methods: tuple[str, ...] = (C.DEFAULT_METHOD,)) -> float:
+    """Export into folder/artifact unless a complete one is there; returns the seconds spent exporting. With
+    calibration images, reduced-precision files are written whatever the gate says (keep_failing): the bench
+    measures their speed, and reports the gate's figures beside it."""
     from gradcam_engine.export import ExportOptions, export_artifact
 
     artifact = folder / ARTIFACT_DIR
     if (artifact / C.MANIFEST).is_file():
         return 0.0
     start = time.perf_counter()
-    export_artifact(str(keras_path), artifact, ExportOptions(preprocessing=preprocessing, precision=precision,
-                                                             class_names=class_names, overwrite=True,
-                                                             methods=methods))
+    export_artifact(str(keras_path), artifact, ExportOptions(
+        preprocessing=preprocessing, precision=precision, class_names=class_names, overwrite=True, methods=methods,
+        calibrate=[calibrate] if calibrate else None, calibration_images=CALIBRATION_IMAGES, keep_failing=True))
     return time.perf_counter() - start
 
 
@@ -109,23 +115,24 @@ def methods_artifact(model: BenchModel, methods: tuple[str, ...]) -> tuple[Path,
         raise BenchError("an artifact directory cannot be re-exported with other CAM methods; pass --model FILE.keras")
     folder = model.cache / f"methods-{'-'.join(methods)}"
     names = tuple(json.loads((model.artifact / C.MANIFEST).read_text()).get("class_names") or ()) or None
-    seconds = _export_cached(model.keras_path, folder, model.preprocessing, "fp32", names, methods)
+    seconds = _export_cached(model.keras_path, folder, model.preprocessing, "fp32", names, methods=methods)
     return folder / ARTIFACT_DIR, seconds
 
 
 def prepare_model(spec: str, work_dir: Path, preprocessing: str = "none", precision: str = "fp32",
-                  seed: int = 0) -> BenchModel:
-    """`seed-resnet50`, a .keras file or an artifact directory -> an exported artifact (cached) and its Keras model."""
+                  seed: int = 0, calibrate: str | None = None) -> BenchModel:
+    """`seed-resnet50`, a .keras file or an artifact directory -> an exported artifact (cached) and its Keras model;
+    `calibrate` (a path list of images) is what int8 is calibrated and every reduced precision judged on."""
     work_dir = Path(work_dir)
     if spec == SEED_RESNET50:
-        folder = work_dir / f"{SEED_RESNET50}-{cache_key(spec, 'caffe', precision, seed)}"
+        folder = work_dir / f"{SEED_RESNET50}-{cache_key(spec, 'caffe', precision, seed, calibrate)}"
         folder.mkdir(parents=True, exist_ok=True)
         keras_path = folder / KERAS_FILE
         if not keras_path.is_file() or not (folder / ARTIFACT_DIR / C.MANIFEST).is_file():
             tmp = folder / f".{KERAS_FILE}.tmp.keras"
             build_seed_resnet50(SEED_INPUT_SIZE, seed).save(tmp)
             os.replace(tmp, keras_path)
-        seconds = _export_cached(keras_path, folder, "caffe", precision, SEED_CLASS_NAMES)
+        seconds = _export_cached(keras_path, folder, "caffe", precision, SEED_CLASS_NAMES, calibrate)
         return BenchModel(SEED_RESNET50, folder / ARTIFACT_DIR, keras_path, folder, seconds, "caffe")
     path = Path(spec)
     if path.is_dir():
@@ -139,7 +146,7 @@ def prepare_model(spec: str, work_dir: Path, preprocessing: str = "none", precis
                           manifest["input"]["preprocessing"])
     if path.suffix != ".keras" or not path.is_file():
         raise BenchError(f"--model {spec}: not {SEED_RESNET50}, an artifact directory or an existing .keras file")
-    folder = work_dir / f"{path.stem}-{cache_key(str(path), preprocessing, precision, seed)}"
+    folder = work_dir / f"{path.stem}-{cache_key(str(path), preprocessing, precision, seed, calibrate)}"
     folder.mkdir(parents=True, exist_ok=True)
-    seconds = _export_cached(path, folder, preprocessing, precision, None)
+    seconds = _export_cached(path, folder, preprocessing, precision, None, calibrate)
     return BenchModel(path.stem, folder / ARTIFACT_DIR, path, folder, seconds, preprocessing)

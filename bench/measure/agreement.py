@@ -2,26 +2,30 @@
 
 A faster contender that computes something else is not a contender. Grad-CAM contenders are held to the reference's
 CAMs, target classes and predictions; forward-only ones to its predictions, with the tolerances every parity check of
-the product uses (export.parity): fp32 graphs differ from eager TensorFlow only by summation order, fp16 graphs by
-rounding.
+the product uses (export.parity): fp32 graphs differ from eager TensorFlow only by summation order; fp16, int8 and
+bf16 graphs by rounding, held to the precision gate's limits (export.gate).
 """
 from __future__ import annotations
 
 import numpy as np
 
+from gradcam_engine.export.gate import judge
+from gradcam_engine.export.parity import TOLERANCES, failures, precision_figures
 from gradcam_engine.export.parity import compare as parity_figures
-from gradcam_engine.export.parity import failures
 
 Array = np.ndarray
 
 
 def compare(expected: dict[str, Array], got: dict[str, Array], precision: str = "fp32",
             methods: tuple[str, ...] = ()) -> dict[str, object]:
-    """The parity figures against the expected outputs, and whether all are within the precision's tolerance (a top-1
-    mismatch fails too: the same images must get the same answer); with `methods`, every method's map too."""
+    """The parity figures against the expected outputs, and whether all are within the precision's tolerance: fp32 to
+    the contract (a top-1 mismatch fails too: the same images must get the same answer), a reduced precision to the
+    precision gate's limits (export.gate); with `methods`, every method's map too."""
     figures = parity_figures(expected, got, methods)
-    ok = not failures(figures, precision) and figures["top1_agreement"] == 1.0
-    return {**figures, "ok": bool(ok)}
+    if precision in TOLERANCES:
+        return {**figures, "ok": bool(not failures(figures, precision) and figures["top1_agreement"] == 1.0)}
+    verdict = judge(precision, precision_figures(expected, got))
+    return {**figures, **verdict.figures, "ok": verdict.passed}
 
 
 def mixed_targets(top1: Array, num_classes: int) -> Array:

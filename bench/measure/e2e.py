@@ -26,17 +26,24 @@ def decode_like_engine(paths: list[Path], size: tuple[int, int]) -> Array:
     return np.stack([decode_image(Path(p).read_bytes(), size).pixels for p in paths])
 
 
-def run_config(artifact: Path, list_file: Path, out: Path, batch_size: int, backend: str, device: str) -> Any:
+def run_config(artifact: Path, list_file: Path, out: Path, batch_size: int, backend: str, device: str,
+               precision: str = "auto") -> Any:
     """The RunConfig of one end-to-end repetition (results replaced each time)."""
     from gradcam_engine.engine.run_config import RunConfig
     from gradcam_engine.engine.session import SessionOptions
 
     return RunConfig(artifact=str(artifact), inputs=[str(list_file)], out=str(out),
-                     session=SessionOptions(backend=backend, device=device), batch_size=batch_size, overwrite=True,
-                     progress=False)
+                     session=SessionOptions(backend=backend, device=device, precision=precision),
+                     batch_size=batch_size, overwrite=True, progress=False)
 
 
-def end_to_end_unit(session: Any, config: Any, images: int, runtime: str) -> Unit:
+def e2e_name(kind: str, runtime: str, precision: str) -> str:
+    """'end-to-end (JPEG -> Parquet)' for the default runtime in fp32, else with runtime and precision appended."""
+    base = {"end-to-end": "end-to-end (JPEG -> Parquet)", "model-only": "model-only (decoded arrays)"}[kind]
+    return base if precision == "fp32" and runtime.startswith("onnx") else f"{base} {runtime} {precision}"
+
+
+def end_to_end_unit(session: Any, config: Any, images: int, runtime: str, precision: str = "fp32") -> Unit:
     """A repetition = one run_gradcam call over the JPEG list, wall time from listing to the last shard."""
     from gradcam_engine.engine.local_run import run_gradcam
 
@@ -47,19 +54,19 @@ def end_to_end_unit(session: Any, config: Any, images: int, runtime: str) -> Uni
             raise BenchError(f"end-to-end run wrote {summary.ok} ok rows for {images} images ({summary.errors} "
                              f"errors); see {config.out}/results")
         return [time.perf_counter() - start]
-    return Unit("end-to-end (JPEG -> Parquet)", "end-to-end", runtime, "fp32", config.batch_size, images, run,
-                group="end-to-end", per_batch=False)
+    return Unit(e2e_name("end-to-end", runtime, precision), "end-to-end", runtime, precision, config.batch_size,
+                images, run, group="end-to-end", per_batch=False)
 
 
 def model_only_unit(session: Callable[[dict[str, Array]], dict[str, Array]], pixels: Array, batch_size: int,
-                    runtime: str) -> Unit:
+                    runtime: str, precision: str = "fp32") -> Unit:
     """The same session on the same decoded images, batch by batch."""
     from gradcam_engine.bench.measure.timing import batched_run
 
     class_index = np.full(len(pixels), -1, np.int32)
     call = lambda images, ci: session({C.IMAGES: images, C.CLASS_INDEX: ci})  # noqa: E731
-    return Unit("model-only (decoded arrays)", "model-only", runtime, "fp32", batch_size, len(pixels),
-                batched_run(call, pixels, class_index, batch_size), group="end-to-end")
+    return Unit(e2e_name("model-only", runtime, precision), "model-only", runtime, precision, batch_size,
+                len(pixels), batched_run(call, pixels, class_index, batch_size), group="end-to-end")
 
 
 def parquet_cams(run_dir: Path) -> dict[str, Array]:

@@ -99,8 +99,11 @@ def machine_info() -> dict[str, Any]:
         providers = []
     cores = os.cpu_count() or 1
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    from gradcam_engine.engine.cpu import cpu_features
+
     return {
         "cpu": _cpu_model(), "cores": cores, "usable_cores": usable, "memory_gb": _memory_gb(),
+        "cpu_features": cpu_features(),  # int8 (VNNI, AMX) and bf16 (avx512_bf16, AMX) units decide those rows
         "gpus": _gpus(), "onnxruntime_providers": providers, "platform": platform.platform(),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "versions": versions(),

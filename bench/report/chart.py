@@ -57,11 +57,14 @@ def _series(report: dict[str, Any]) -> list[dict[str, Any]]:
             if bars:
                 name = next(iter(bars.values()))["contender"]
                 series.append({"label": name, "fill": fill, "outline": colour, "bars": bars})
-    for kind, fill in _E2E_COLOURS.items():
-        bars = {r["batch_size"]: r for r in rows if r["kind"] == kind}
-        if bars:
-            series.append({"label": next(iter(bars.values()))["contender"], "fill": fill, "outline": (40, 40, 40),
-                           "bars": bars})
+    end_to_end = sorted({(r["runtime"], r["precision"]) for r in rows if r["group"] == "end-to-end"})
+    for runtime, precision in end_to_end:  # one pair of bars per runtime and precision, grey as the table's
+        for kind, fill in _E2E_COLOURS.items():
+            bars = {r["batch_size"]: r for r in rows if (r["kind"], r["runtime"], r["precision"]) ==
+                    (kind, runtime, precision)}
+            if bars:
+                series.append({"label": f"{kind.replace('-', ' ')}, {runtime} {precision}", "fill": fill,
+                               "outline": (40, 40, 40), "bars": bars})
     return series
 
 

@@ -12,6 +12,9 @@ METHODS_TARGET = 0.95          # all CAM methods img/s / Grad-CAM alone img/s, s
 END_TO_END_TARGET = 0.85       # JPEG -> Parquet img/s / model-only img/s on the same images and batch
 MEMORY_GROWTH_TARGET = 0.15    # peak RSS of the largest dataset over the smallest, minus one
 MEMORY_LIMIT_MB = 2048.0
+INT8_TARGET = 2.5              # int8 Grad-CAM img/s / fp32 Grad-CAM img/s, ONNX Runtime CPU, same batch
+INT8_END_TO_END_TARGET = 35.0  # int8 end to end (JPEG -> Parquet) img/s / reference img/s
+BF16_TARGET = 1.8              # bf16 Grad-CAM img/s / fp32 Grad-CAM img/s, TensorFlow CPU, same batch
 
 
 def _model_rows(report: dict[str, Any], kind: str) -> list[dict[str, Any]]:
@@ -66,6 +69,7 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     else:
         out.append(_target("end to end (JPEG -> Parquet) / model-only", None, f">= {END_TO_END_TARGET:g}", None,
                            "end-to-end not run"))
+    out += _precision_targets(report, ref)
     sweep = sorted(report.get("dataset_sweep", []), key=lambda r: r["images"])
     if len(sweep) >= 2:
         small, large = sweep[0], sweep[-1]
@@ -94,6 +98,57 @@ def _methods_target(report: dict[str, Any]) -> dict[str, Any]:
     return _target(name, chosen["vs_gradcam"], f">= {METHODS_TARGET:g}", chosen["vs_gradcam"] >= METHODS_TARGET,
                    f"{_label(chosen)} vs {chosen['gradcam_pair']} (median of per-round ratios; in CPU time "
                    f"{chosen['vs_gradcam_cpu']:.3f}; methods: {methods}); all pairs: {all_pairs}")
+def _side_by_side(report: dict[str, Any], runtime: str, precision: str) -> tuple[dict | None, dict | None]:
+    """A reduced precision's Grad-CAM row and fp32's on the same runtime, at the largest batch both have."""
+    rows = {(r["precision"], r["batch_size"]): r for r in _model_rows(report, GRADCAM) if r["runtime"] == runtime}
+    common = [b for p, b in rows if p == precision and ("fp32", b) in rows]
+    if not common:
+        return None, None
+    return rows[(precision, max(common))], rows[("fp32", max(common))]
+
+
+def _precision_targets(report: dict[str, Any], ref: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """int8 and bf16 against fp32 side by side; int8 end to end against the reference."""
+    out = []
+    for precision, runtime, goal in (("int8", "onnx-cpu", INT8_TARGET), ("bf16", "tf-cpu", BF16_TARGET)):
+        fast, base = _side_by_side(report, runtime, precision)
+        name = f"{precision} Grad-CAM vs fp32, {runtime} (img/s)"
+        if fast and base:
+            x = fast["images_per_second"] / base["images_per_second"]
+            out.append(_target(name, x, f">= {goal:g}x", x >= goal, f"b={fast['batch_size']}: "
+                               f"{fast['images_per_second']:.2f} vs {base['images_per_second']:.2f} img/s"))
+        else:
+            out.append(_target(name, None, f">= {goal:g}x", None, f"no {precision} contender in this run"))
+    e2e = next((r for r in report["results"] if r["kind"] == "end-to-end" and r["precision"] == "int8"
+                and r["images_per_second"]), None)
+    name = "int8 end to end (JPEG -> Parquet) vs reference (img/s)"
+    if e2e and ref:
+        x = e2e["images_per_second"] / ref["images_per_second"]
+        out.append(_target(name, x, f">= {INT8_END_TO_END_TARGET:g}x", x >= INT8_END_TO_END_TARGET,
+                           f"{e2e['images_per_second']:.2f} vs reference {ref['images_per_second']:.3f} img/s, "
+                           f"batch {e2e['batch_size']}"))
+    else:
+        out.append(_target(name, None, f">= {INT8_END_TO_END_TARGET:g}x", None, "needs int8 end to end and the "
+                           "reference"))
+    return out
+
+
+def _gate_lines(report: dict[str, Any]) -> list[str]:
+    """The precision gate's figures for the reduced-precision files timed here (a random-weight model's quality
+    says little; on a trained model see the tests and the README)."""
+    gate = report.get("precision_gate")
+    if not gate:
+        return []
+    images = gate["images"]
+    lines = ["", f"Precision gate (export, vs fp32 on {images['images']} {images['kind']}):"]
+    for label, entry in gate["results"].items():
+        f = entry["figures"]
+        outcome = "passed" if entry["passed"] else "missed " + ", ".join(entry["failed"])
+        name = label if entry["precision"] in label else f"{label} ({entry['precision']})"
+        lines.append(f"- {name}: top-1 agreement {f['top1_agreement']:.1%}, CAM correlation "
+                     f"mean {f['cam_corr_mean']:.4f} / worst {f['cam_corr_worst']:.4f}, max abs "
+                     f"{f['cam_max_abs_diff']:.3f}: {outcome}")
+    return lines
 
 
 def _f(x: float | None, digits: int = 2) -> str:
@@ -125,7 +180,11 @@ def _machine_line(report: dict[str, Any]) -> str:
     m = report["machine"]
     v = m["versions"]
     gpu = ", ".join(m["gpus"]) or "no GPU"
-    return (f"{m['cpu']}, {m['usable_cores']} cores, {m['memory_gb']} GB, {gpu}; load average at start "
+    features = [k for k, on in m.get("cpu_features", {}).items() if on and k not in ("avx2", "avx512f")]
+    absent = [k for k, on in m.get("cpu_features", {}).items() if not on]
+    isa = f"; CPU features {', '.join(features) or 'none of note'} (not: {', '.join(absent)})" if features or absent \
+        else ""
+    return (f"{m['cpu']}, {m['usable_cores']} cores, {m['memory_gb']} GB, {gpu}{isa}; load average at start "
             f"{m['load_average_at_start']}; onnxruntime {v['onnxruntime']}, tensorflow {v['tensorflow']}, "
             f"keras {v['keras']}, numpy {v['numpy']}")
 
@@ -176,9 +235,11 @@ def markdown(report: dict[str, Any]) -> str:
         photo = f"{PHOTO_SIZE[1]}x{PHOTO_SIZE[0]}"
         lines += ["", f"End to end: the same {e2e[0]['images']} JPEG files ({photo}) -> Parquet through run_gradcam, "
                   "vs the same runner on the same images already decoded, same batch, alternated with the above.", "",
-                  "| run | runtime | batch | img/s | latency p50 / p95 ms |", "|---|---|---:|---:|---:|"]
+                  "| run | runtime | precision | batch | img/s | latency p50 / p95 ms |",
+                  "|---|---|---|---:|---:|---:|"]
         for r in e2e:
-            lines.append(f"| {r['contender']} | {r['runtime']} | {r['batch_size']} | {_ips(r)} | {_latency(r)} |")
+            lines.append(f"| {r['contender']} | {r['runtime']} | {r['precision']} | {r['batch_size']} | {_ips(r)} | "
+                         f"{_latency(r)} |")
     sweep = report.get("dataset_sweep", [])
     if sweep:
         lines += ["", "Dataset-size sweep, end to end, each size in a fresh process (engine only, no TensorFlow):", "",
@@ -187,6 +248,7 @@ def markdown(report: dict[str, Any]) -> str:
         for r in sweep:
             lines.append(f"| {r['images']} | {r['images_per_second']:.2f} | {r['wall_seconds']:.1f} | "
                          f"{r['peak_rss_mb']:.0f} | {r['baseline_rss_mb']:.0f} |")
+    lines += _gate_lines(report)
     lines += ["", _checks_line(report["checks"])]
     if report["skipped"]:
         lines.append("Skipped: " + "; ".join(f"{s['contender']}: {s['reason']}" for s in report["skipped"]))

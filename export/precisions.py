@@ -1,0 +1,272 @@
+"""The reduced-precision files of an artifact: each derived from the fp32 graph, judged by the precision gate
+(export.gate) against fp32 on the gate images, then written, or refused with the figure that failed and why.
+
+    fp16   model_fp16.onnx: the backbone in half precision; when full fp16 misses the gate, the front of the backbone
+           is kept in fp32, a growing fraction of its convolutions at a time (export.fp16.FRONT_FRACTIONS).
+           saved_model_fp16: the model's mixed_float16 twin (all of it in fp16); skipped, with its figures, when it
+           misses the gate and the fp16 ONNX does not.
+    int8   model_int8.onnx: the backbone quantized (export.int8), calibrated on the user's images (--calibrate).
+    bf16   no file: TensorFlow runs saved_model with oneDNN bf16 (engine.bf16); export records its figures.
+
+fp32 is always written: it is what every other file is derived from and judged against, and what every runtime runs.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import numpy as np
+
+from gradcam_engine.engine import contract as C
+from gradcam_engine.engine.errors import first_line
+from gradcam_engine.export.calibration import GateImages, list_calibration, load_gate_images
+from gradcam_engine.export.errors import ExportError
+from gradcam_engine.export.gate import Verdict, judge, refusal
+
+if TYPE_CHECKING:
+    from gradcam_engine.export.api import ExportOptions
+
+PRECISIONS = ("fp32", "fp16", "int8", "bf16")
+ALIASES = {"both": ("fp32", "fp16")}
+GATE_BATCH = 16
+Outputs = dict[str, np.ndarray]
+Call = Callable[[np.ndarray, np.ndarray], Outputs]  # (images, class_index) -> outputs
+
+
+def parse_precisions(spec: str | Sequence[str]) -> tuple[str, ...]:
+    """'fp32,int8', 'both' or a list of names -> the precisions to export, fp32 first and always included."""
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    wanted = {"fp32"}
+    for name in (n.strip() for n in names if n.strip()):
+        if name in ALIASES:
+            wanted.update(ALIASES[name])
+        elif name in PRECISIONS:
+            wanted.add(name)
+        else:
+            raise ExportError(f"unknown precision {name!r}; give a comma list of {', '.join(PRECISIONS)} "
+                              f"(or {', '.join(ALIASES)})")
+    return tuple(p for p in PRECISIONS if p in wanted)
+
+
+def check_request(precision: str | Sequence[str], calibrate: Sequence[str] | None, images: int) -> None:
+    """Refuse, before any slow work, a request that can only fail later."""
+    wanted = parse_precisions(precision)
+    if "int8" in wanted and not calibrate:
+        raise ExportError("--precision int8 needs --calibrate IMAGES: int8 ranges are calibrated on your own images "
+                          "(a directory, glob, path list, .tar shard or URI, as `gradcam run` takes)")
+    if calibrate and wanted == ("fp32",):
+        raise ExportError("--calibrate is for reduced precisions: add fp16, int8 or bf16 to --precision")
+    if images < 1:
+        raise ExportError("--calibration-images must be at least 1")
+    if calibrate:
+        list_calibration(calibrate, images)  # a missing path or too few images, said now
+
+
+def _batched(call: Call, images: np.ndarray, class_index: np.ndarray | None) -> Outputs:
+    """Batches of GATE_BATCH, the last one padded: one shape, so an XLA-compiled SavedModel compiles once."""
+    ci = np.full(len(images), -1, np.int32) if class_index is None else class_index.astype(np.int32)
+    parts = []
+    for i in range(0, len(images), GATE_BATCH):
+        x, c = images[i:i + GATE_BATCH], ci[i:i + GATE_BATCH]
+        pad = GATE_BATCH - len(x) if len(images) > GATE_BATCH else 0
+        out = call(np.concatenate([x, np.repeat(x[-1:], pad, 0)]), np.concatenate([c, np.repeat(c[-1:], pad)]))
+        parts.append({k: v[:len(x)] for k, v in out.items()})
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+@dataclass
+class Gate:
+    """The gate images and fp32's outputs on them, computed once and shared by every candidate."""
+
+    images: GateImages
+    reference: Outputs
+
+    @classmethod
+    def on(cls, proto: Any, images: GateImages) -> "Gate":
+        """The gate for an fp32 graph on these images: fp32's outputs (its own top-1 explained), feature maps too."""
+        fp32 = _onnx_call(proto.SerializeToString(), (*C.ENGINE_OUTPUTS, C.FEATURE_MAPS))
+        return cls(images, _batched(fp32, images.held_out, None))
+
+    def judge(self, precision: str, candidate: Call, notes: dict[str, Any] | None = None) -> Verdict:
+        """Run a candidate on the gate images (explaining fp32's classes, so CAMs compare) and judge it."""
+        from gradcam_engine.export.parity import precision_figures
+
+        got = _batched(candidate, self.images.held_out, self.reference[C.TARGET_CLASS])
+        return judge(precision, precision_figures(self.reference, got), notes)
+
+
+@dataclass
+class Export:
+    """One export's reduced-precision step: what every precision writer reads and fills in."""
+
+    root: Path
+    proto: Any                                   # the fp32 ONNX graph every file is derived from
+    options: ExportOptions
+    gate: Gate
+    precision: dict[str, str]                    # the manifest's file -> precision
+    checks: dict[str, Any]                       # the manifest's verification figures
+    write_onnx: Callable[[Path, Any, str], dict[str, Any]]
+    write_fp16_saved_model: Callable[[Path], str | None]
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)  # the gate's verdicts, by file
+
+    def record(self, label: str, verdict: Verdict) -> bool:
+        """Record a verdict in the manifest; whether the file is to be written (passed, or kept on request)."""
+        verdict.kept = not verdict.passed and self.options.keep_failing
+        self.results[label] = verdict.record()
+        return verdict.passed or self.options.keep_failing
+
+    def keep(self, label: str, verdict: Verdict) -> None:
+        """Record a verdict; refuse the export when the file failed (unless --keep-failing)."""
+        if not self.record(label, verdict):
+            raise refusal(label, verdict, len(self.gate.images.calibration))
+
+    def write(self, file: str, graph: Any, precision: str) -> None:
+        """Write an ONNX file the gate kept (checked by onnx.checker, its verification figures recorded)."""
+        self.checks[file] = self.write_onnx(self.root / file, graph, precision)
+        self.precision[file] = precision
+
+
+WRITERS: dict[str, Callable[[Export], None]] = {}
+
+
+def writes(precision: str) -> Callable[[Callable[[Export], None]], Callable[[Export], None]]:
+    """Register how one precision is derived, judged and written."""
+    def register(fn: Callable[[Export], None]) -> Callable[[Export], None]:
+        WRITERS[precision] = fn
+        return fn
+    return register
+
+
+def write_reduced(root: Path, proto: Any, options: ExportOptions, precision: dict[str, str], checks: dict[str, Any],
+                  write_onnx: Callable[[Path, Any, str], dict[str, Any]],
+                  write_fp16_saved_model: Callable[[Path], str | None]) -> dict[str, Any] | None:
+    """Write every reduced precision the options ask for into root, each judged by the gate; returns the manifest's
+    precision_gate section (None when only fp32 was asked for). `precision` and `checks` are the manifest's
+    file -> precision map and verification figures, filled in here."""
+    wanted = parse_precisions(options.precision)
+    if wanted == ("fp32",):
+        return None
+    gate = Gate.on(proto, load_gate_images(options.calibrate, options.calibration_images, input_size(proto)))
+    export = Export(root, proto, options, gate, precision, checks, write_onnx, write_fp16_saved_model)
+    for name in wanted[1:]:
+        WRITERS[name](export)
+    return {"images": gate.images.source, "results": export.results}
+
+
+@writes("fp16")
+def _fp16(export: Export) -> None:
+    half, verdict = fp16_with_fp32_front(export.proto, export.gate)
+    export.keep(C.ONNX_FP16_FILE, verdict)
+    export.write(C.ONNX_FP16_FILE, half, "fp16")
+    _fp16_saved_model(export)
+
+
+@writes("int8")
+def _int8(export: Export) -> None:
+    from gradcam_engine.export.int8 import quantize_backbone
+
+    quantized, info = quantize_backbone(export.proto, export.gate.images.calibration)
+    verdict = export.gate.judge("int8", _onnx_call(quantized.SerializeToString()), {"calibration": info})
+    export.keep(C.ONNX_INT8_FILE, verdict)
+    export.write(C.ONNX_INT8_FILE, quantized, "int8")
+
+
+@writes("bf16")
+def _bf16_check(export: Export) -> None:
+    export.keep(C.BF16_GATE_LABEL, _bf16(export.root / C.SAVED_MODEL_DIR, export.gate))
+
+
+def input_size(proto: Any) -> tuple[int, int]:
+    """(height, width) of a fused graph's images input."""
+    dims = next(i for i in proto.graph.input if i.name == C.IMAGES).type.tensor_type.shape.dim
+    return int(dims[1].dim_value), int(dims[2].dim_value)
+
+
+def _onnx_call(model: bytes, outputs: tuple[str, ...] = C.ENGINE_OUTPUTS) -> Call:
+    """A graph in ONNX Runtime on the CPU, set up as the engine sets it up."""
+    from gradcam_engine.engine.session import onnx_session
+
+    session = onnx_session(model, cuda=False)
+    names = list(outputs)
+    return lambda x, c: dict(zip(names, session.run(names, {C.IMAGES: x, C.CLASS_INDEX: c})))
+
+
+def fp16_with_fp32_front(proto: Any, gate: Gate) -> tuple[Any, Verdict]:
+    """The fp16 graph: full fp16 first; while the gate refuses it, keep a growing front of the backbone in fp32.
+    Returns the first that passes (the smallest fp32 front), else the last tried, with its verdict."""
+    from gradcam_engine.export.fp16 import backbone_convolutions, front_nodes, front_steps, to_fp16
+
+    total = backbone_convolutions(proto.graph)
+    for convolutions in [0, *front_steps(proto.graph)]:
+        keep32 = frozenset(front_nodes(proto.graph, convolutions)) if convolutions else frozenset()
+        half = to_fp16(proto, keep32)
+        front = {"convolutions": convolutions, "of": total, "nodes": len(keep32)}
+        verdict = gate.judge("fp16", _onnx_call(half.SerializeToString()), {"fp32_front": front})
+        if verdict.passed:
+            break
+    return half, verdict
+
+
+def _fp16_saved_model(export: Export) -> None:
+    """The mixed_float16 SavedModel, judged like the ONNX file; skipped with its figures when it misses the gate
+    (the twin is fp16 throughout: Keras offers no front in fp32 to fall back on)."""
+    path = export.root / C.SAVED_MODEL_FP16_DIR
+    note = export.write_fp16_saved_model(path)
+    if note is not None:
+        export.checks[C.SAVED_MODEL_FP16_DIR] = note
+        return
+    verdict = export.gate.judge("fp16", _tf_call(path))
+    if export.record(C.SAVED_MODEL_FP16_DIR, verdict):
+        export.precision[C.SAVED_MODEL_FP16_DIR] = "mixed_float16"
+        return
+    shutil.rmtree(path)
+    export.checks[C.SAVED_MODEL_FP16_DIR] = (f"skipped: misses the precision gate ({', '.join(verdict.failed)}; "
+                                             "figures in precision_gate); the fp16 ONNX is written; --keep-failing "
+                                             "keeps it")
+
+
+def _tf_call(saved_model: Path) -> Call:
+    import tensorflow as tf
+
+    fn = tf.saved_model.load(str(saved_model)).signatures[C.SIGNATURE]
+
+    def call(images: np.ndarray, class_index: np.ndarray) -> Outputs:
+        out = fn(**{C.IMAGES: tf.constant(images), C.CLASS_INDEX: tf.constant(class_index)})
+        return {k: out[k].numpy() for k in C.ENGINE_OUTPUTS}
+    return call
+
+
+def _bf16(saved_model: Path, gate: Gate) -> Verdict:
+    """The fp32 SavedModel under TensorFlow's oneDNN bf16, judged; refused outright when TensorFlow left it fp32."""
+    import tensorflow as tf
+
+    from gradcam_engine.engine.bf16 import require_onednn, tf_bfloat16
+    from gradcam_engine.engine.cpu import cpu_features, native_bf16
+    from gradcam_engine.engine.errors import RunError
+    from gradcam_engine.export.parity import TOLERANCES
+
+    try:
+        require_onednn()
+    except RunError as e:
+        raise ExportError(str(e).replace("--precision bf16", "bf16 check")) from None
+    fp32 = _tf_call(saved_model)
+
+    def call(images: np.ndarray, class_index: np.ndarray) -> Outputs:
+        with tf_bfloat16(tf):
+            return fp32(images, class_index)
+    cpu = {"native_bf16": native_bf16(), **cpu_features()}
+    try:
+        verdict = gate.judge("bf16", call, {"runtime": "TensorFlow oneDNN auto_mixed_precision_onednn_bfloat16",
+                                           "cpu": cpu})
+    except tf.errors.OpError as e:  # oneDNN without any bf16 path on this CPU cannot build the kernels
+        raise ExportError(f"bf16 check: TensorFlow cannot run bf16 on this CPU ({first_line(e, 200)}); check bf16 "
+                          "on a CPU with avx512_bf16 or amx_bf16") from None
+    contract = TOLERANCES["fp32"]
+    figures = verdict.figures
+    if (figures["predictions_rel_diff"] <= contract["predictions_rel_diff"]
+            and figures["cam_max_abs_diff"] <= contract["cam_max_abs_diff"]):
+        raise ExportError("bf16 check: TensorFlow ran the graph in fp32 on this CPU (results equal fp32's within "
+                          "1e-4), so bf16 cannot be judged here; check bf16 on a CPU with avx512_bf16 or amx_bf16")
+    return verdict
