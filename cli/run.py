@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from typing import Any
 
 from gradcam_engine.cli.options import default
 from gradcam_engine.engine.errors import RunError
 from gradcam_engine.engine.run_config import RunConfig
 from gradcam_engine.engine.session import BACKENDS, DEVICES, PRECISIONS, SessionOptions
 
-# Options of the Ray runner, named as RayOptions' fields; Ray is imported only when --runner ray is chosen.
-RAY_FLAGS = ("address", "num_gpus_per_worker", "num_cpus_per_worker", "concurrency")
 RUNNERS = ("local", "ray")
 
 
@@ -26,6 +26,15 @@ def config_from(args: argparse.Namespace) -> RunConfig:
                      exit_on_second_signal=True, overlay_method=args.overlay_method)
 
 
+def ray_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The Ray runner's flags given, named as RayOptions' fields (init_kwargs is for library callers alone).
+    Read when a run starts: engine.ray_run loads no Ray, but more than `gradcam --help` needs."""
+    from gradcam_engine.engine.ray_run import RayOptions
+
+    names = (f.name for f in dataclasses.fields(RayOptions) if f.name != "init_kwargs")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
 def _run(args: argparse.Namespace) -> int:
     from gradcam_engine.engine.signals import RunInterrupted
 
@@ -38,14 +47,14 @@ def _run(args: argparse.Namespace) -> int:
 
 def _start(args: argparse.Namespace) -> int:
     config = config_from(args)
-    ray_flags = {name: getattr(args, name) for name in RAY_FLAGS if getattr(args, name) is not None}
+    flags = ray_flags(args)
     if args.runner == "ray":
         from gradcam_engine.engine.ray_run import RayOptions, run_gradcam_ray
 
-        print(run_gradcam_ray(config, RayOptions(**ray_flags)).text())
+        print(run_gradcam_ray(config, RayOptions(**flags)).text())
         return 0
-    if ray_flags:
-        raise RunError(f"--{next(iter(ray_flags)).replace('_', '-')} needs --runner ray")
+    if flags:
+        raise RunError(f"--{next(iter(flags)).replace('_', '-')} needs --runner ray")
     from gradcam_engine.engine.local_run import run_gradcam
 
     print(run_gradcam(config).text())

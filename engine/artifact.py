@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from gradcam_engine.engine import contract as C
-from gradcam_engine.engine.errors import ArtifactError
+from gradcam_engine.engine.errors import ArtifactError, one_line
 
 __all__ = ["Artifact", "ArtifactError", "GraphSignature", "check_graph", "check_manifest", "file_table",
            "load_artifact", "sha256_file", "verify_files"]
@@ -85,7 +85,7 @@ def load_artifact(root: str | Path, verify: list[str] | None = None) -> Artifact
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError) as e:
-        raise ArtifactError(f"{manifest_path}: unreadable manifest ({' '.join(str(e).split())})") from None
+        raise ArtifactError(f"{manifest_path}: unreadable manifest ({one_line(e)})") from None
     check_manifest(manifest, manifest_path)
     artifact = Artifact(root=root, manifest=manifest)
     verify_files(artifact, sorted(manifest["files"]) if verify is None else verify)

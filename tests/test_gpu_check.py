@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from typing import Any
@@ -66,10 +68,19 @@ def test_strip_and_fill_keep_shapes_and_small_constants() -> None:
     np.testing.assert_array_equal(values["mean"], [0, 1, 2])
 
 
+# Run as on the GPU machine, which has ONNX Runtime but no TensorFlow: importing any of these raises ImportError.
+WITHOUT_TENSORFLOW = ("import runpy, sys\n"
+                      "for name in ('tensorflow', 'keras', 'tf_keras', 'tf2onnx'):\n"
+                      "    sys.modules[name] = None\n"
+                      "runpy.run_module('gradcam_engine.bench.tools.gpu_check', run_name='__main__')\n")
+
+
 @pytest.fixture(scope="module")
 def dry_run(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("gpu_report") / "report.json"
-    gpu_check.check(prepared, [2, 4], dry_run=True, out_json=out)
+    done = subprocess.run([sys.executable, "-c", WITHOUT_TENSORFLOW, "check", str(prepared), "--batch-sizes", "2", "4",
+                           "--dry-run", "--json", str(out)], capture_output=True, text=True, cwd="/", timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text())
 
 

@@ -1,8 +1,9 @@
 """The shape of the code: the core (engine, export) imports nothing above it, every import goes through the one
-installed name, and the wheel installs that name alone."""
+installed name, the wheel installs that name alone, and every error a user can fix is a UserError."""
 from __future__ import annotations
 
 import ast
+import importlib
 import shutil
 import subprocess
 import sys
@@ -11,11 +12,22 @@ from pathlib import Path
 
 import pytest
 
+from gradcam_engine.engine.errors import UserError
+
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "gradcam_engine"
 FOLDERS = {"engine": "engine", "export": "export", "cli": "cli", "demo": "demo", "report": "report", "bench": "bench"}
 CORE = ("engine", "export")
 ABOVE_CORE = ("cli", "demo", "report", "bench")
+# The exceptions that are not UserError on purpose; the CLI never prints one of them as a user error.
+NOT_USER_ERRORS = {
+    "gradcam_engine.engine.inputs.ReadError": "one item's bytes cannot be read: an error row, the run goes on",
+    "gradcam_engine.engine.decode.DecodeError": "one item is not a usable image: an error row, the run goes on",
+    "gradcam_engine.engine.storage.StorageError": "a store's failure: engine.inputs turns it into ReadError (one "
+                                                  "item, a row) or InputError (the listing, the run stops)",
+    "gradcam_engine.engine.signals.RunInterrupted": "a run stopped by a signal: `gradcam run` prints it and exits "
+                                                    "128 + the signal's number, not 2",
+}
 
 
 def imported_modules(path: Path) -> list[tuple[int, str]]:
@@ -31,6 +43,11 @@ def imported_modules(path: Path) -> list[tuple[int, str]]:
 
 def sources(*folders: str) -> list[Path]:
     return sorted(p for folder in folders for p in (REPO / folder).rglob("*.py"))
+
+
+def module_name(path: Path) -> str:
+    """engine/run.py -> gradcam_engine.engine.run; a package's __init__.py -> the package."""
+    return f"{PACKAGE}.{path.relative_to(REPO).with_suffix('').as_posix().replace('/', '.')}".removesuffix(".__init__")
 
 
 @pytest.mark.parametrize("layer", CORE)
@@ -56,8 +73,7 @@ def test_every_import_uses_the_installed_name_never_a_bare_folder_name() -> None
 
 
 def test_importing_the_core_loads_no_module_above_it() -> None:
-    modules = sorted(f"{PACKAGE}.{p.relative_to(REPO).with_suffix('').as_posix().replace('/', '.')}"
-                     for p in sources(*CORE) if p.name != "__init__.py")
+    modules = sorted(module_name(p) for p in sources(*CORE) if p.name != "__init__.py")
     code = ("import importlib, sys\n"
             f"for name in {modules!r}:\n"
             "    importlib.import_module(name)\n"
@@ -83,3 +99,26 @@ def test_the_wheel_installs_one_top_level_name(tmp_path: Path) -> None:
         assert f"{PACKAGE}/{folder}/__init__.py" in names
     assert f"{PACKAGE}/demo/model.keras" in names  # the demo runs from an installed wheel too
     assert not [n for n in names if "/tests/" in n or "/benchmarks/" in n]
+
+
+def module_names(*folders: str) -> list[str]:
+    """The importable modules of these folders (bench/benchmarks is a pytest suite, __main__ runs the command)."""
+    return sorted(module_name(p) for p in sources(*folders)
+                  if p.name != "__main__.py" and "benchmarks" not in p.relative_to(REPO).parts)
+
+
+def test_every_error_class_is_a_user_error_but_the_per_item_ones() -> None:
+    """The CLI prints a UserError as one line (exit 2); any other exception keeps its traceback, as a bug should."""
+    found = {}
+    for name in module_names(*FOLDERS):
+        module = importlib.import_module(name)
+        found.update({f"{name}.{obj.__qualname__}": obj for obj in vars(module).values()
+                      if isinstance(obj, type) and issubclass(obj, BaseException) and obj.__module__ == name})
+    named_error = {f"{module_name(p)}.{node.name}"
+                   for p in sources(*FOLDERS) for node in ast.walk(ast.parse(p.read_text()))
+                   if isinstance(node, ast.ClassDef) and node.name.endswith("Error")}
+    assert named_error <= set(found), f"classes named *Error the scan did not reach: {named_error - set(found)}"
+    assert set(NOT_USER_ERRORS) <= set(found), f"allowed but gone: {set(NOT_USER_ERRORS) - set(found)}"
+    offending = sorted(name for name, cls in found.items() if not issubclass(cls, UserError)
+                       and name not in NOT_USER_ERRORS)
+    assert not offending, f"subclass engine.errors.UserError, or allow them above with the reason: {offending}"

@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from gradcam_engine.engine import contract as C
+from gradcam_engine.export.api import DEFAULT_OPSET
 
 
 def forward_function(model: Any, preprocessing: str, input_size: tuple[int, int], jit: bool = False) -> Any:
-    """tf.function: uint8 images [N, H, W, 3] -> {predictions}; jit=True compiles it with XLA."""
+    """tf.function: uint8 images [N, H, W, 3] -> {predictions}, scoped like the fused graph (export.graph) so that
+    export.fp16 halves the same backbone in both; jit=True compiles it with XLA."""
     import tensorflow as tf
 
     from gradcam_engine.export.preprocess import preprocess
@@ -23,24 +25,33 @@ def forward_function(model: Any, preprocessing: str, input_size: tuple[int, int]
     h, w = input_size
 
     def forward(images: tf.Tensor) -> dict[str, tf.Tensor]:
-        predictions = model(preprocess(images, preprocessing), training=False)
-        return {C.PREDICTIONS: tf.identity(predictions, name=C.PREDICTIONS)}
+        with tf.name_scope("preprocess"):
+            x = preprocess(images, preprocessing)
+        with tf.name_scope(C.FP16_SCOPE.rstrip("/")):
+            y = model(x, training=False)
+        return {C.PREDICTIONS: tf.identity(tf.cast(y, tf.float32), name=C.PREDICTIONS)}
 
     return tf.function(forward, jit_compile=jit or None,
                        input_signature=[tf.TensorSpec([None, h, w, 3], tf.uint8, name=C.IMAGES)])
 
 
-def export_forward_onnx(model: Any, preprocessing: str, input_size: tuple[int, int], out: Path,
-                        opset: int = 17) -> Path:
-    """Write (once) an ONNX graph of the forward pass with the fused graph's input; returns its path."""
-    out = Path(out)
-    if out.is_file():
-        return out
+def forward_onnx(model: Any, preprocessing: str, input_size: tuple[int, int], opset: int = DEFAULT_OPSET) -> Any:
+    """The forward pass as an onnx.ModelProto, converted with tf2onnx as export converts the fused graph."""
     import tf2onnx
 
     logging.getLogger("tf2onnx").setLevel(logging.ERROR)
     fn = forward_function(model, preprocessing, input_size)
     proto, _ = tf2onnx.convert.from_function(fn, input_signature=fn.input_signature, opset=opset)
+    return proto
+
+
+def export_forward_onnx(model: Any, preprocessing: str, input_size: tuple[int, int], out: Path,
+                        opset: int = DEFAULT_OPSET) -> Path:
+    """Write (once) an ONNX graph of the forward pass with the fused graph's input; returns its path."""
+    out = Path(out)
+    if out.is_file():
+        return out
+    proto = forward_onnx(model, preprocessing, input_size, opset)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_bytes(proto.SerializeToString())
     os.replace(tmp, out)

@@ -11,6 +11,10 @@ import sys
 import time
 from typing import Sequence
 
+from gradcam_engine.cli.options import default
+from gradcam_engine.engine.run_config import RunConfig
+from gradcam_engine.engine.session import BACKENDS, DEVICES, SessionOptions
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `run_gradcam` once and report it; the bench parent reads the last stdout line."""
@@ -18,9 +22,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("artifact")
     p.add_argument("inputs")
     p.add_argument("out")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--backend", default="onnx")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=default(RunConfig, "batch_size"))
+    p.add_argument("--backend", default=default(SessionOptions, "backend"), choices=sorted(BACKENDS))
+    p.add_argument("--device", default=default(SessionOptions, "device"), choices=DEVICES)
     args = p.parse_args(argv)
 
     from gradcam_engine.bench.measure.e2e import run_config

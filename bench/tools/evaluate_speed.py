@@ -26,7 +26,7 @@ import numpy as np
 
 from gradcam_engine.engine.evaluate import EvaluateConfig, evaluate
 from gradcam_engine.engine.overlay import upsample
-from gradcam_engine.engine.results import to_table, write_shard
+from gradcam_engine.engine.results import new_token, publish_shard, shard_name, stage_shard, to_table
 
 SHAPES = [  # (image width, height), (CAM height, width), maps
     ((96, 96), (12, 12), "smooth"),     # the demo
@@ -63,13 +63,14 @@ def synthetic_run(folder: Path, rows: int, size: tuple[int, int], cam: tuple[int
             predicted = rng.integers(0, 10, n)
             scores = rng.uniform(0.2, 1.0, n).astype(np.float32)
             cams = cam_maps(rng, n, *cam, kind)
-            write_shard(run_dir / "results", to_table({
+            table = to_table({
                 "path": paths, "status": ["ok"] * n, "error": [None] * n, "width": [width] * n,
                 "height": [height] * n, "predicted_class": predicted.tolist(),
                 "predicted_label": [classes[c] for c in predicted], "predicted_score": scores.tolist(),
                 "target_class": predicted.tolist(), "target_score": scores.tolist(),
-                "cam": list(cams.reshape(n, -1)), "cam_height": [cam[0]] * n, "cam_width": [cam[1]] * n}),
-                start, start + n - 1)
+                "cam": list(cams.reshape(n, -1)), "cam_height": [cam[0]] * n, "cam_width": [cam[1]] * n})
+            name = shard_name("synthetic", new_token())
+            publish_shard(stage_shard(run_dir / "staging", table, name, "/")[0], run_dir / "results", name)
             for i, path in enumerate(paths):
                 labels.writerow([path, classes[(predicted[i] + (i % 7 == 0)) % 10]])
                 for _ in range(1 + (i % 3 == 0)):

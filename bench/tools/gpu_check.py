@@ -32,8 +32,11 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
+from gradcam_engine.bench.contenders.models import SEED_RESNET50
+from gradcam_engine.cli.options import default
 from gradcam_engine.engine import contract as C
 from gradcam_engine.engine.artifact import file_table
+from gradcam_engine.export.api import ExportOptions
 
 FUSED, FORWARD, FUSED_METHODS, METHODS_JSON = "fused.onnx", "forward.onnx", "fused_methods.onnx", "methods.json"
 
@@ -44,15 +47,13 @@ def prepare(model_spec: str, out: Path, preprocessing: str, methods: tuple[str, 
     weight-stripped into `out`."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
-    import tensorflow as tf
-    import tf2onnx
 
+    from gradcam_engine.bench.contenders.forward import forward_onnx
     from gradcam_engine.bench.tools.onnx_weights import strip_weights
-    from gradcam_engine.export import ExportOptions, export_artifact
+    from gradcam_engine.export import export_artifact
     from gradcam_engine.export.methods import method_names
-    from gradcam_engine.export.preprocess import preprocess
 
-    if model_spec == "seed-resnet50":
+    if model_spec == SEED_RESNET50:
         from gradcam_engine.bench.contenders.models import build_seed_resnet50
 
         model, preprocessing = build_seed_resnet50(), "caffe"
@@ -65,17 +66,7 @@ def prepare(model_spec: str, out: Path, preprocessing: str, methods: tuple[str, 
         methods = methods or method_names()
         export_artifact(model, Path(tmp) / "m", ExportOptions(preprocessing=preprocessing, methods=methods))
         fused_methods = onnx.load(str(Path(tmp) / "m" / C.ONNX_FILE))
-    h, w = manifest["input"]["height"], manifest["input"]["width"]
-
-    @tf.function(input_signature=[tf.TensorSpec([None, h, w, 3], tf.uint8, name=C.IMAGES)])
-    def forward(images: tf.Tensor) -> dict[str, tf.Tensor]:
-        with tf.name_scope("preprocess"):
-            x = preprocess(images, preprocessing)
-        with tf.name_scope(C.FP16_SCOPE.rstrip("/")):  # same scoping as the fused graph, so fp16 treats both alike
-            y = model(x, training=False)
-        return {C.PREDICTIONS: tf.identity(tf.cast(y, tf.float32), name=C.PREDICTIONS)}
-
-    proto, _ = tf2onnx.convert.from_function(forward, input_signature=forward.input_signature, opset=17)
+    proto = forward_onnx(model, preprocessing, (manifest["input"]["height"], manifest["input"]["width"]))
     onnx.save(strip_weights(fused), str(out / FUSED))
     onnx.save(strip_weights(proto), str(out / FORWARD))
     onnx.save(strip_weights(fused_methods), str(out / FUSED_METHODS))
@@ -309,8 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gradcam_engine.bench.tools.gpu_check")
     sub = parser.add_subparsers(dest="step", required=True)
     p = sub.add_parser("prepare", help="export and strip (needs TensorFlow)")
-    p.add_argument("--model", default="seed-resnet50")
-    p.add_argument("--preprocess", default="none")
+    p.add_argument("--model", default=SEED_RESNET50, help=f"{SEED_RESNET50} (preprocessing caffe) or a .keras file")
+    p.add_argument("--preprocess", default=default(ExportOptions, "preprocessing"), choices=C.PREPROCESSING)
     p.add_argument("--out", type=Path, default=Path(".gpu"))
     p.add_argument("--methods", nargs="+", help="CAM methods of the all-methods graph (default: every one)")
     c = sub.add_parser("check", help="measure (needs onnxruntime, ideally onnxruntime-gpu)")
