@@ -16,12 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tf_keras  # the `dev` extra installs it: a missing tf-keras fails these tests, never skips them
 
 import tf_keras_models as G
 from gradcam_engine.cli.main import main
 from gradcam_engine.engine import contract as C
-
-pytest.importorskip("tf_keras")  # the `tf-keras` extra; CI installs it with `dev`
 
 PREFIX = "gradcam export: error: "
 
@@ -41,9 +40,7 @@ def saved(garden: G.GardenModel, tmp_path_factory: pytest.TempPathFactory) -> di
         for path in paths.values():
             garden.model.save(path)
     loader = f"""
-        import tf_keras
-
-        def load_pair():
+            def load_pair():
             model = tf_keras.models.load_model({str(paths['h5'])!r}, compile=False)
             return model.get_layer("tiny_resnet"), [model.get_layer(n) for n in ("gap", "drop", "pred")]
 
@@ -97,18 +94,19 @@ def test_tf_keras_h5_file_exports_with_score_output_and_matches_the_notebook(sav
 # --- models built by code -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def from_module_file(saved, tmp_path_factory, garden) -> Path:
-    """`gradcam export path/build_garden.py:load_pair --layer 5`: a (backbone, head) pair, input size read from the
-    backbone."""
+    """The README's Model Garden command: `gradcam export path/build_garden.py:load_pair --layer 5 --input-size HxW
+    --preprocess caffe --score output`, a (backbone, head) pair with a softmax head, the notebook's score."""
     out = tmp_path_factory.mktemp("module_route") / "artifact"
-    assert main(["export", f"{saved['module']}:load_pair", "--out", str(out), "--layer", "5",
-                 "--preprocess", G.PREPROCESSING]) == 0
+    assert main(["export", f"{saved['module']}:load_pair", "--layer", "5", "--input-size", "{}x{}".format(*G.SIZE),
+                 "--preprocess", G.PREPROCESSING, "--score", "output", "--out", str(out)]) == 0
     return out
 
 
-def test_module_file_function_route_exports_a_pair(from_module_file, garden) -> None:
-    G.assert_parity(from_module_file, garden.reference("logit"), garden)
+def test_module_file_function_route_exports_a_pair_with_score_output(from_module_file, garden) -> None:
+    G.assert_parity(from_module_file, garden.reference("output"), garden)
     manifest = manifest_of(from_module_file)
     assert manifest["target_layer"] == "5" and manifest["model_name"] == "tiny_resnet"
+    assert manifest["score"] == "softmax probability (model output)"
 
 
 def test_package_module_function_route_exports_a_model(saved, garden, tmp_path, capsys, monkeypatch) -> None:
@@ -159,7 +157,7 @@ def test_gradcam_run_gives_the_same_cams_on_onnx_runtime_and_tensorflow(from_mod
         rows = ds.dataset(str(run_dir / "results"), format="parquet").to_table().to_pylist()
         results[backend] = {Path(r["path"]).name: r for r in rows}
     assert len(results["onnx"]) == len(results["tf"]) == G.BATCH
-    ref = garden.reference("logit", class_index=np.full(G.BATCH, -1, np.int32))
+    ref = garden.reference("output", class_index=np.full(G.BATCH, -1, np.int32))
     for i in range(G.BATCH):
         for backend in ("onnx", "tf"):
             row = results[backend][f"scene_{i}.png"]
@@ -210,8 +208,6 @@ def custom(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _forget_custom_class(monkeypatch: pytest.MonkeyPatch) -> None:
-    import tf_keras
-
     monkeypatch.delitem(tf_keras.saving.get_custom_objects(), "Garden>Scale", raising=False)
 
 

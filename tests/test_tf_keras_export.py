@@ -15,11 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tf_keras  # the `dev` extra installs it: a missing tf-keras fails these tests, never skips them
 
 import tf_keras_models as G
 from gradcam_engine.engine import contract as C
-
-pytest.importorskip("tf_keras")  # the `tf-keras` extra; CI installs it with `dev`
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,8 +52,6 @@ def readme_pair(linear: G.GardenModel, out_root: Path) -> tuple[Path, dict]:
 @pytest.fixture(scope="module")
 def sequential_output(softmax: G.GardenModel, out_root: Path) -> tuple[Path, dict]:
     """The head as a tf_keras Sequential (never called on an Input), the notebook's score: the probability."""
-    import tf_keras
-
     from gradcam_engine.export import ExportOptions, export_artifact
 
     head = tf_keras.Sequential([softmax.gap, softmax.dropout, softmax.dense], name="head")
@@ -62,6 +59,42 @@ def sequential_output(softmax: G.GardenModel, out_root: Path) -> tuple[Path, dic
     manifest = export_artifact((softmax.backbone, head), root,
                                ExportOptions(layer="5", preprocessing=G.PREPROCESSING, score="output"))
     return root, manifest
+
+
+@pytest.fixture(scope="module")
+def readme_garden_call(softmax: G.GardenModel, out_root: Path) -> tuple[Path, dict]:
+    """The README's Model Garden call as written there: a list head ending in a softmax Dense, score "output"."""
+    from gradcam_engine.export import ExportOptions, export_artifact
+
+    root = out_root / "readme_garden_call"
+    manifest = export_artifact((softmax.backbone, [softmax.gap, softmax.dropout, softmax.dense]), root,
+                               ExportOptions(layer="5", input_size=G.SIZE, preprocessing="caffe", score="output"))
+    return root, manifest
+
+
+@pytest.fixture(scope="module")
+def rules_pair(out_root: Path) -> tuple[G.RulesModel, Path, dict]:
+    """Every head rule on tf_keras layers in a (backbone, [layers]) pair: ReLU -> GlobalMaxPooling2D ->
+    BatchNormalization -> Dense(tanh) -> Activation("sigmoid") -> Dense(3, softmax), the logit differentiated."""
+    from gradcam_engine.export import ExportOptions, export_artifact
+
+    rules = G.rules_model(seed=21, pooling="max", final="softmax")
+    root = out_root / "rules_pair"
+    return rules, root, export_artifact((rules.backbone, rules.head), root,
+                                        ExportOptions(preprocessing=G.PREPROCESSING))
+
+
+@pytest.fixture(scope="module")
+def rules_sequential(out_root: Path) -> tuple[G.RulesModel, Path, dict]:
+    """A whole tf_keras Sequential model, the Flatten variant of the head (ReLU -> BatchNormalization on the 4-D map
+    -> Flatten -> Dense(tanh) -> Activation("sigmoid") -> Dense(3, sigmoid)), its sigmoid output differentiated."""
+    from gradcam_engine.export import ExportOptions, export_artifact
+
+    rules = G.rules_model(seed=22, pooling="flatten", final="sigmoid", sequential=True)
+    root = out_root / "rules_sequential"
+    return rules, root, export_artifact(rules.model, root, ExportOptions(layer="features",
+                                                                         preprocessing=G.PREPROCESSING,
+                                                                         score="output"))
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +126,12 @@ def test_notebook_reference_is_non_trivial(request: pytest.FixtureRequest, model
     G.assert_reference_is_non_trivial(garden, garden.reference(score))
 
 
+@pytest.mark.parametrize("case, score", [("rules_pair", "logit"), ("rules_sequential", "output")])
+def test_head_rule_references_are_non_trivial(request: pytest.FixtureRequest, case: str, score: str) -> None:
+    rules = request.getfixturevalue(case)[0]
+    G.assert_rules_reference_is_non_trivial(rules, rules.reference(score))
+
+
 def test_score_output_differs_from_the_logit_for_a_softmax_head(softmax: G.GardenModel) -> None:
     """For two classes the probability's gradient points along W0 - W1, not W0: the maps are not the same."""
     logit, output = softmax.reference("logit"), softmax.reference("output")
@@ -119,6 +158,39 @@ def test_sequential_head_with_score_output_matches_the_notebooks_probability_gra
     got = G.run_onnx(root, softmax.images, softmax.class_index)
     picked = got[C.PREDICTIONS][np.arange(G.BATCH), got[C.TARGET_CLASS]]
     np.testing.assert_allclose(got[C.TARGET_SCORE], picked, rtol=1e-5)  # the probability itself
+
+
+def test_readme_model_garden_call_with_a_softmax_list_head_and_score_output_matches_the_notebook(
+        readme_garden_call, softmax) -> None:
+    root, manifest = readme_garden_call
+    G.assert_parity(root, softmax.reference("output"), softmax)
+    assert manifest["score"] == "softmax probability (model output)"
+    assert manifest["head"] == ["gap (GlobalAveragePooling2D)", "drop (Dropout)", "pred (Dense)"]
+
+
+def test_every_head_rule_on_tf_keras_layers_matches_tensorflows_gradient(rules_pair) -> None:
+    """The hand-written pullbacks against TensorFlow's autodiff through the tf_keras layers' own calls, at batch 3
+    in ONNX Runtime and the SavedModel: CAMs, target scores and the gradients themselves."""
+    rules, root, manifest = rules_pair
+    G.assert_parity(root, rules.reference("logit"), rules, batches=(G.RULES_BATCH,))
+    assert manifest["framework"] == "tf_keras" and manifest["score"] == "pre-softmax logit"
+    assert [entry.split(" (")[1][:-1] for entry in manifest["head"]] == [
+        "ReLU", "GlobalMaxPooling2D", "BatchNormalization", "Dense", "Activation", "Dense"]
+
+
+def test_whole_tf_keras_sequential_model_with_a_sigmoid_head_and_score_output_matches_tensorflows_gradient(
+        rules_sequential) -> None:
+    """Score "output" on a sigmoid head differentiates sigmoid(logit): the reference takes the tf_keras Dense's own
+    sigmoid through TensorFlow's autodiff; batches of 1 and 3."""
+    rules, root, manifest = rules_sequential
+    ref = rules.reference("output")
+    G.assert_parity(root, ref, rules, batches=(1, G.RULES_BATCH))
+    assert manifest["target_layer"] == "features" and manifest["framework"] == "tf_keras"
+    assert manifest["score"] == "sigmoid probability (model output)"
+    assert [entry.split(" (")[1][:-1] for entry in manifest["head"]] == [
+        "ReLU", "BatchNormalization", "Flatten", "Dense", "Activation", "Dense"]
+    picked = ref[C.PREDICTIONS][np.arange(G.RULES_BATCH), ref[C.TARGET_CLASS]]
+    np.testing.assert_allclose(ref[C.TARGET_SCORE], picked, rtol=1e-6)  # the reference scored the probability
 
 
 def test_whole_tf_keras_model_matches_the_notebook(whole_model_both, softmax) -> None:
@@ -158,8 +230,6 @@ def test_mixed_precision_twin_of_a_tf_keras_model_computes_in_float16(softmax) -
 def test_mixed_precision_twin_rebuilds_a_backbone_made_from_its_constructor_arguments() -> None:
     """A Model Garden backbone's config is its constructor's arguments (no per-layer dtypes): its layers are built
     again under the mixed policy."""
-    import tf_keras
-
     from gradcam_engine.export.mixed import mixed_precision_twin
 
     class ConfigBackbone(tf_keras.Model):  # the pattern of tfm.vision.backbones.ResNet
@@ -210,6 +280,13 @@ def _refusal(model, options, tmp_path: Path) -> str:
     return message
 
 
+def test_an_unknown_score_is_refused_in_one_line(linear, tmp_path) -> None:
+    from gradcam_engine.export import ExportOptions
+
+    message = _refusal((linear.backbone, linear.head), ExportOptions(layer="5", score="prob"), tmp_path)
+    assert message == "unknown score 'prob'; choose logit, output"
+
+
 def test_dict_backbone_without_a_level_lists_the_levels(linear, tmp_path) -> None:
     from gradcam_engine.export import ExportOptions
 
@@ -220,8 +297,6 @@ def test_dict_backbone_without_a_level_lists_the_levels(linear, tmp_path) -> Non
 
 
 def test_pair_layer_inside_a_single_output_backbone_moves_the_rest_into_the_head() -> None:
-    import tf_keras
-
     from gradcam_engine.export import ExportOptions
     from gradcam_engine.export.api import model_parts
 
@@ -239,8 +314,6 @@ def test_pair_layer_inside_a_single_output_backbone_moves_the_rest_into_the_head
 
 
 def test_subclassed_tf_keras_model_is_refused_with_the_pair_route(tmp_path) -> None:
-    import tf_keras
-
     from gradcam_engine.export import ExportOptions
 
     class Classifier(tf_keras.Model):
@@ -266,8 +339,6 @@ def test_head_list_holding_a_function_is_refused(linear, tmp_path) -> None:
 
 
 def test_unbuilt_dense_head_layer_is_refused(linear, tmp_path) -> None:
-    import tf_keras
-
     from gradcam_engine.export import ExportOptions
 
     fresh = tf_keras.layers.Dense(2, name="fresh")
@@ -277,7 +348,6 @@ def test_unbuilt_dense_head_layer_is_refused(linear, tmp_path) -> None:
 
 def test_head_rules_serve_both_frameworks_by_layer_kind() -> None:
     import keras
-    import tf_keras
 
     from gradcam_engine.export.frameworks import layer_kind
     from gradcam_engine.export.head import supported_layers
@@ -308,3 +378,27 @@ def test_importing_export_does_not_import_tf_keras() -> None:
 def test_manifest_on_disk_names_the_framework(readme_pair) -> None:
     root, manifest = readme_pair
     assert json.loads((root / C.MANIFEST).read_text())["framework"] == "tf_keras"
+
+
+def test_model_garden_extra_pins_match_the_tensorflow_pin() -> None:
+    """tf-keras and tensorflow-text are released for one TensorFlow minor each, and Model Garden's nightly is built
+    against one: all must name the minor the `export` extra pins, or the install route of the README breaks."""
+    import re
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    pyproject = (REPO / "pyproject.toml").read_text()
+    extras = tomllib.loads(pyproject)["project"]["optional-dependencies"]
+    pins = {r.name: r.specifier for r in map(Requirement, extras["export"] + extras["tf-keras"]
+                                             + extras["model-garden"])}
+    tensorflow = pins["tensorflow"]
+    major, minor = Version(next(s.version for s in tensorflow if s.operator == ">=")).release[:2]
+    assert f"{major}.{minor}.0" in tensorflow and f"{major}.{minor}.99" in tensorflow
+    assert f"{major}.{minor - 1}.99" not in tensorflow and f"{major}.{minor + 1}.0" not in tensorflow  # one minor
+    for twin in ("tf-keras", "tensorflow-text"):
+        assert pins[twin] == tensorflow, f"{twin} {pins[twin]} does not match tensorflow {tensorflow}"
+    readme = (REPO / "README.md").read_text()
+    nightlies = re.findall(r"tf-models-nightly==([0-9][\w.]*)", pyproject + readme)
+    assert nightlies and all(Version(v).release[:2] == (major, minor) for v in nightlies), nightlies

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from engine_support import lively
 from gradcam_engine.bench.measure.images import scene_images
 from gradcam_engine.engine import contract as C
 
@@ -136,12 +137,107 @@ def build(seed: int, softmax: bool) -> GardenModel:
     return GardenModel(backbone, gap, dropout, dense, softmax, model, images, class_index)
 
 
+# --- every head rule on tf_keras layers -------------------------------------------------------------------------
+RULES_SIZE = (32, 48)  # not square: a height/width swap shows
+RULES_BATCH = 3
+RULES_CLASSES = 3
+RULES_KERNEL_SCALE = 8.0  # on the final Dense: the sigmoid layer's outputs lie in a narrow band, its logits near-tie
+
+
+@dataclass
+class RulesModel:
+    """A small tf_keras classifier whose head walks the head rules on tf_keras' own layer classes: ReLU, a pooling
+    (GlobalMaxPooling2D, or Flatten after a 4-D BatchNormalization), BatchNormalization with calibrated statistics
+    (tf_keras stores its axis as a list), Dense(tanh), Activation("sigmoid") and a final softmax or sigmoid Dense."""
+
+    backbone: Any                                # image -> "features" (N, 8, 12, 12), both signs
+    head: list[Any]
+    model: Any = field(repr=False)               # the whole classifier (a Sequential when asked for)
+    images: np.ndarray = field(repr=False)       # uint8 [RULES_BATCH, H, W, 3]
+    class_index: np.ndarray = field(repr=False)  # int32: -1, and the runner-up class at position 1
+
+    def scores(self, score: str) -> Callable[[Any], Any]:
+        """What the reference differentiates, computed by the tf_keras layers themselves (TensorFlow's autodiff):
+        the final Dense's logit, or with score "output" the Dense's own output (softmax or sigmoid of the logit)."""
+        import tensorflow as tf
+
+        *body, final = self.head
+
+        def head(fm: Any) -> Any:
+            for layer in body:
+                fm = layer(fm, training=False)
+            return final(fm) if score == "output" else tf.matmul(fm, final.kernel) + final.bias
+        return head
+
+    def reference(self, score: str) -> dict[str, np.ndarray]:
+        from gradcam_engine.bench.contenders.reference import ReferenceParts, gradcam_reference
+
+        parts = ReferenceParts(preprocess=caffe, backbone=lambda x: self.backbone(x, training=False),
+                               head=self.scores(score), predict=lambda x: self.model(x, training=False))
+        return gradcam_reference(self.images, self.class_index, parts)
+
+
+def rules_model(seed: int, pooling: str, final: str, sequential: bool = False) -> RulesModel:
+    """A seeded RulesModel: pooling "max" (ReLU -> GlobalMaxPooling2D -> BatchNormalization) or "flatten" (ReLU ->
+    BatchNormalization on the 4-D map -> Flatten), then Dense(8, tanh) -> Activation("sigmoid") -> Dense(3, final)."""
+    import tf_keras
+
+    tf_keras.utils.set_random_seed(seed)
+    L = tf_keras.layers
+    convs = [L.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="conv1"),
+             L.Conv2D(12, 3, strides=2, padding="same", name="features")]  # no activation: the head's ReLU has work
+    pool = L.GlobalMaxPooling2D(name="max_pool") if pooling == "max" else L.Flatten(name="flatten")
+    norm = L.BatchNormalization(name="bn")
+    head = [L.ReLU(name="relu"), *((pool, norm) if pooling == "max" else (norm, pool)),
+            L.Dense(8, activation="tanh", name="dense_tanh"), L.Activation("sigmoid", name="sigmoid"),
+             L.Dense(RULES_CLASSES, activation=final, name="classes")]
+    if sequential:
+        model = tf_keras.Sequential([tf_keras.Input((*RULES_SIZE, 3)), *convs, *head], name=f"rules_{pooling}")
+        backbone = tf_keras.Model(model.inputs, model.get_layer("features").output)
+    else:
+        image = tf_keras.Input((*RULES_SIZE, 3))
+        backbone = tf_keras.Model(image, convs[1](convs[0](image)), name="rules_backbone")
+        x = backbone(image)
+        for layer in head:
+            x = layer(x)
+        model = tf_keras.Model(image, x, name=f"rules_{pooling}")
+
+    # BatchNormalization: moving statistics near the real ones but not equal, gamma and beta not 1 and 0, so an
+    # export that ignored any of the four would give other logits.
+    rng = np.random.default_rng(seed)
+    x = backbone(caffe(scene_images(16, RULES_SIZE, seed + 1)), training=False)
+    bn_at = [layer.name for layer in head].index("bn")
+    for layer in head[:bn_at]:
+        x = layer(x, training=False)
+    feats = np.asarray(x).reshape(-1, x.shape[-1])
+    n = feats.shape[1]
+    head[bn_at].set_weights([rng.uniform(0.5, 2.0, n), rng.normal(0.0, 0.3, n),
+                             feats.mean(0) * rng.uniform(0.7, 1.3, n), feats.var(0) * rng.uniform(0.7, 1.5, n) + 0.05])
+    kernel, bias = head[-1].get_weights()
+    head[-1].set_weights([kernel * RULES_KERNEL_SCALE, bias])
+
+    images = scene_images(RULES_BATCH, RULES_SIZE, seed + 2)
+    ranked = np.asarray(model(caffe(images), training=False)).argsort(-1)
+    class_index = np.full(RULES_BATCH, -1, np.int32)
+    class_index[1] = ranked[1, -2]  # the runner-up: the least likely class may have a flat map
+    return RulesModel(backbone, head, model, images, class_index)
+
+
+def assert_rules_reference_is_non_trivial(rules: RulesModel, ref: dict[str, np.ndarray]) -> None:
+    """Every reference CAM a real heatmap, no near-tie between the top two scores, no saturated final activation."""
+    live = lively(ref[C.CAM]).tolist()
+    assert all(live), f"degenerate reference CAMs: {live}"
+    logits = np.sort(np.asarray(rules.scores("logit")(rules.backbone(caffe(rules.images), training=False))), -1)
+    assert (logits[:, -1] - logits[:, -2]).min() >= MIN_MARGIN, f"a near-tie between the top classes: {logits}"
+    assert 1e-3 < ref[C.PREDICTIONS].max() < 0.999 and ref[C.PREDICTIONS].min() > 1e-3, "a saturated output"
+
+
 # --- checks shared by the tf_keras tests ------------------------------------------------------------------------
 def assert_reference_is_non_trivial(garden: GardenModel, ref: dict[str, np.ndarray]) -> None:
     """Parity on flat CAMs, one predicted class or near-ties would prove nothing."""
-    lively = [bool(cam.max() > 0 and cam.std() > 1e-3 and cam.min() < 1.0) for cam in ref[C.CAM]]
-    assert sum(lively) >= BATCH - 2, f"degenerate reference CAMs: {lively}"
-    assert any(lively[slot] for slot in EXPLICIT_SLOTS), "every explicitly requested class gave a flat CAM"
+    live = lively(ref[C.CAM]).tolist()
+    assert sum(live) >= BATCH - 2, f"degenerate reference CAMs: {live}"
+    assert any(live[slot] for slot in EXPLICIT_SLOTS), "every explicitly requested class gave a flat CAM"
     top1 = ref[C.PREDICTIONS].argmax(-1)
     assert set(top1.tolist()) == {0, 1}, f"one class predicted for every image: {top1}"
     logits = garden.logits(garden.backbone(caffe(garden.images), training=False)[LEVEL]).numpy()
@@ -168,12 +264,16 @@ def run_saved_model(root: Path, images: np.ndarray, class_index: np.ndarray,
 
 
 def assert_matches(got: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> None:
-    """The contract: same target classes, CAM max abs diff within export/parity.py's fp32 tolerance."""
+    """The contract: same target classes, CAM max abs diff within export/parity.py's fp32 tolerance; the gradients
+    too, relative to their largest (a pullback off by a factor per image still normalises to the same CAM)."""
     from gradcam_engine.export.parity import TOLERANCES
 
     np.testing.assert_array_equal(got[C.TARGET_CLASS], ref[C.TARGET_CLASS])
     assert got[C.CAM].shape == ref[C.CAM].shape
     assert float(np.abs(got[C.CAM].astype(np.float64) - ref[C.CAM]).max()) <= TOLERANCES["fp32"]["cam_max_abs_diff"]
+    gradients = np.abs(got[C.GRADIENTS].astype(np.float64) - ref[C.GRADIENTS]).max(axis=(1, 2, 3))
+    largest = np.abs(ref[C.GRADIENTS]).max(axis=(1, 2, 3))
+    assert (gradients <= TOLERANCES["fp32"]["cam_max_abs_diff"] * largest).all(), (gradients, largest)
     scale = max(1.0, float(np.abs(ref[C.TARGET_SCORE]).max()))
     assert float(np.abs(got[C.TARGET_SCORE] - ref[C.TARGET_SCORE]).max()) <= 1e-4 * scale
     np.testing.assert_allclose(got[C.PREDICTIONS], ref[C.PREDICTIONS], rtol=1e-4, atol=1e-5)
