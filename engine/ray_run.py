@@ -176,7 +176,7 @@ def build_dataset(ray: Any, pending: list[tuple[int, InputItem]], config: RunCon
     spec = DecodeSpec(artifact.input_size, config.max_bytes, config.max_pixels, os.getcwd())
     root = run_dir.out.resolve()
     commit = CommitSpec(str(root), str(root / run_dir.results.name), str(root / run_dir.staging.name),
-                        str(root / run_dir.overlays.name), run_dir.attempt, run_dir.lock.token())
+                        str(root / run_dir.overlays.name), run_dir.attempt, run_dir.lock.token(), run_dir.run_digest)
     items = [{"path": path_text(item.key), KIND: item.kind, INDEX: index} for index, item in pending]
     return (ray.data.from_items(items, override_num_blocks=input_blocks(len(items), config.batch_size))
             .map_batches(decode_batch, batch_size=config.batch_size, batch_format="numpy",
@@ -214,7 +214,7 @@ def run_gradcam_ray(config: RunConfig, options: RayOptions = RayOptions()) -> Ru
         extra = {"overlays": overlay_limit > 0 and bool(listing.items), "runner": "ray"}
         if stop.requested is not None:
             raise RunInterrupted("interrupted before the run started; nothing was written", stop.requested)
-        run_dir.prepare(run_fingerprint, config.overwrite)
+        run_dir.prepare(run_fingerprint, config.overwrite, artifact.methods)
         pending = run_dir.pending(listing)
         ray_info = {**{k: (dict(v) if isinstance(v, Mapping) else v) for k, v in asdict(options).items()},
                     "cluster": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}}

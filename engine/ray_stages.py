@@ -132,6 +132,7 @@ class CommitSpec:
     overlay_dir: str
     attempt: str
     lock_token: str
+    run_digest: str = ""  # the digest of the run's fingerprint each shard carries (engine.rundir.run_digest)
 
 
 def write_batch(table: pa.Table, commit: CommitSpec, overlay_limit: int, spec: DecodeSpec,
@@ -145,7 +146,8 @@ def write_batch(table: pa.Table, commit: CommitSpec, overlay_limit: int, spec: D
                              Path(commit.overlay_dir), spec, overlay_column(methods, overlay_index))
     schema = results_schema(methods)
     name = shard_name(commit.attempt, new_token())
-    tmp, record = stage_shard(Path(commit.staging_dir), table.select(schema.names).cast(schema), name, spec.base)
+    tmp, record = stage_shard(Path(commit.staging_dir), table.select(schema.names).cast(schema), name, spec.base,
+                              commit.run_digest)
     if not lock_token_matches(Path(commit.run_dir), commit.lock_token):  # the driver is gone or was replaced
         tmp.unlink(missing_ok=True)
         raise RuntimeError(f"{commit.run_dir}: the run lock is no longer this run's; shard not committed")
