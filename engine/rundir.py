@@ -485,9 +485,13 @@ class RunDirectory:
 
     def fail(self, reason: str) -> None:
         """Record a failure in run.json (best effort: on a full disk even this may not fit) once the directory is
-        known to hold this run; a directory holding another run, or none we can identify, is never touched."""
-        if not self._identified:
-            return
+        known to hold this run; a directory holding another run, or none we can identify, is never touched, nor one
+        whose lock another run has taken over."""
+        try:
+            if not self._identified or not self.lock.still_held():
+                return
+        except OSError:
+            pass  # cannot read the lock: record the failure, best effort as below
         self.info.update(status="failed", reason=reason, finished=_now())
         if "fingerprint" not in self.info and self._state.fingerprint is not None:
             self.info["fingerprint"] = self._state.fingerprint
