@@ -20,9 +20,10 @@ def config_from(args: argparse.Namespace) -> RunConfig:
         backend=args.backend, device=args.device, threads=args.threads, precision=args.precision,
         io_binding=args.io_binding, fixed_batch=args.batch_size if (args.fixed_batch or args.cuda_graph) else 0,
         cuda_graph=args.cuda_graph, trt=args.trt)
+    commit_seconds = default(RunConfig, "commit_seconds") if args.commit_seconds is None else args.commit_seconds
     return RunConfig(artifact=args.artifact, inputs=args.inputs, out=args.out, session=session,
                      batch_size=args.batch_size, target=args.target, overlays=args.overlays, workers=args.workers,
-                     shard_size=args.shard_size, commit_seconds=args.commit_seconds, overwrite=args.overwrite,
+                     shard_size=args.shard_size, commit_seconds=commit_seconds, overwrite=args.overwrite,
                      exit_on_second_signal=True, overlay_method=args.overlay_method)
 
 
@@ -49,6 +50,9 @@ def _start(args: argparse.Namespace) -> int:
     config = config_from(args)
     flags = ray_flags(args)
     if args.runner == "ray":
+        if args.commit_seconds is not None:  # Ray Data gives each writer task --shard-size rows: no clock to cut by
+            raise RunError("--commit-seconds needs --runner local: a Ray run commits a shard every --shard-size rows; "
+                           "lower --shard-size to lose less to a kill")
         from gradcam_engine.engine.ray_run import RayOptions, run_gradcam_ray
 
         print(run_gradcam_ray(config, RayOptions(**flags)).text())
@@ -84,8 +88,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="inference threads (default: the runtime's)")
     p.add_argument("--shard-size", type=int, default=default(RunConfig, "shard_size"),
                    help="rows per Parquet shard (resume granularity)")
-    p.add_argument("--commit-seconds", type=float, default=default(RunConfig, "commit_seconds"),
-                   help="also commit a shard once its first row is this many seconds old (bounds what a kill loses)")
+    p.add_argument("--commit-seconds", type=float, default=None,
+                   help="also commit a shard once its first row is this many seconds old (bounds what a kill loses; "
+                        f"default {default(RunConfig, 'commit_seconds'):g}; local runner only)")
     p.add_argument("--overwrite", action="store_true", help="replace results of a different earlier run")
     p.add_argument("--precision", default=default(SessionOptions, "precision"), choices=PRECISIONS,
                    help="auto: fp16 on CUDA when the artifact has it, else fp32; fast: the fastest reduced precision "

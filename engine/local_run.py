@@ -75,7 +75,7 @@ def _run(config: RunConfig, session: Session | None, stop: GracefulStop) -> RunS
         backend = f"{config.session.backend} {precision}"
         if stop.requested is not None:
             raise RunInterrupted("interrupted before the run started; nothing was written", stop.requested)
-        run_dir.prepare(run_fingerprint, config.overwrite)
+        run_dir.prepare(run_fingerprint, config.overwrite, methods)
         pending = run_dir.pending(listing)
         overlay_keys = {item.key for item in listing.items[:overlay_limit]} if overlay_limit else set()
         run_dir.start(config, run_fingerprint, session.device, precision, overlays=bool(overlay_keys),

@@ -9,7 +9,9 @@ is still theirs; the driver journals every shard they return. The run directory 
 and its fingerprint) is the local runner's, so either runner can resume a run the other started. Rows inside a
 shard are in input order; which inputs share a shard, and the order in which shards appear, depend on scheduling.
 The first SIGINT/SIGTERM stops the driver taking more shards; shards a writer renamed but the driver never journaled
-are verified and adopted by the next run.
+are verified and adopted by the next run. A shard is committed every --shard-size rows only: Ray Data hands a writer
+task a full batch however long its rows take, so RunConfig.commit_seconds does not apply (the command line refuses
+--commit-seconds with --runner ray).
 
 Ray is imported inside the functions only: importing this module (the CLI does) works without Ray installed.
 """
@@ -25,8 +27,8 @@ from typing import Any, Iterator, Mapping
 from gradcam_engine.engine.artifact import Artifact, load_artifact
 from gradcam_engine.engine.errors import RunError, UserError, first_line
 from gradcam_engine.engine.inputs import InputItem, list_inputs
-from gradcam_engine.engine.ray_stages import (INDEX, KIND, CommitSpec, DecodeSpec, GradCAMActor, decode_batch,
-                                              probe_replica, write_batch)
+from gradcam_engine.engine.ray_stages import (FAILURE, INDEX, KIND, CommitSpec, DecodeSpec, GradCAMActor,
+                                              decode_batch, probe_replica, write_batch)
 from gradcam_engine.engine.results import ShardRecord, path_text
 from gradcam_engine.engine.run_config import RunConfig, parse_overlays, resolve_overlay_method, resolve_target
 from gradcam_engine.engine.rundir import RunDirectory, RunSummary, fingerprint
@@ -102,6 +104,10 @@ def user_cause(error: BaseException) -> UserError | None:
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
+        inner = getattr(error, "cause", None)  # Ray's wrapper is also an instance of its cause, with a traceback text
+        if isinstance(inner, BaseException) and id(inner) not in seen:
+            error = inner
+            continue
         if isinstance(error, UserError):
             return error
         if isinstance(error, OSError) and error.errno is not None:
@@ -176,7 +182,7 @@ def build_dataset(ray: Any, pending: list[tuple[int, InputItem]], config: RunCon
     spec = DecodeSpec(artifact.input_size, config.max_bytes, config.max_pixels, os.getcwd())
     root = run_dir.out.resolve()
     commit = CommitSpec(str(root), str(root / run_dir.results.name), str(root / run_dir.staging.name),
-                        str(root / run_dir.overlays.name), run_dir.attempt, run_dir.lock.token())
+                        str(root / run_dir.overlays.name), run_dir.attempt, run_dir.lock.token(), run_dir.run_digest)
     items = [{"path": path_text(item.key), KIND: item.kind, INDEX: index} for index, item in pending]
     return (ray.data.from_items(items, override_num_blocks=input_blocks(len(items), config.batch_size))
             .map_batches(decode_batch, batch_size=config.batch_size, batch_format="numpy",
@@ -205,8 +211,10 @@ def run_gradcam_ray(config: RunConfig, options: RayOptions = RayOptions()) -> Ru
     class_index = resolve_target(config.target, artifact.class_names)
     resolve_overlay_method(config.overlay_method, artifact.methods)  # refused before Ray starts
     run_dir = RunDirectory(config.out)
-    with ray_session(ray, options), progress_bars(ray, config.progress), \
-            GracefulStop(exit_at_once=config.exit_on_second_signal) as stop, run_dir.opened():
+    # The lock first: a busy directory is refused before Ray starts. The stop signals' handlers after Ray, whose
+    # start installs its own.
+    with run_dir.opened(), ray_session(ray, options), progress_bars(ray, config.progress), \
+            GracefulStop(exit_at_once=config.exit_on_second_signal) as stop:
         stop.on_abort = run_dir.abort
         device, precision = probe(ray, str(artifact.root.resolve()), session_options, options)
         run_fingerprint = fingerprint(config, artifact.checksum, class_index, precision)
@@ -214,7 +222,7 @@ def run_gradcam_ray(config: RunConfig, options: RayOptions = RayOptions()) -> Ru
         extra = {"overlays": overlay_limit > 0 and bool(listing.items), "runner": "ray"}
         if stop.requested is not None:
             raise RunInterrupted("interrupted before the run started; nothing was written", stop.requested)
-        run_dir.prepare(run_fingerprint, config.overwrite)
+        run_dir.prepare(run_fingerprint, config.overwrite, artifact.methods)
         pending = run_dir.pending(listing)
         ray_info = {**{k: (dict(v) if isinstance(v, Mapping) else v) for k, v in asdict(options).items()},
                     "cluster": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}}
@@ -227,8 +235,12 @@ def run_gradcam_ray(config: RunConfig, options: RayOptions = RayOptions()) -> Ru
             try:
                 for shard in dataset.iter_batches(batch_size=None, batch_format="numpy"):
                     for i in range(len(shard["shard"])):
-                        run_dir.record(ShardRecord(str(shard["shard"][i]), int(shard["rows"][i]),
-                                                   str(shard["sha256"][i]), int(shard["bytes"][i])))
+                        if not shard[FAILURE][i]:
+                            run_dir.record(ShardRecord(str(shard["shard"][i]), int(shard["rows"][i]),
+                                                       str(shard["sha256"][i]), int(shard["bytes"][i])))
+                    failures = [str(f) for f in shard[FAILURE] if f]
+                    if failures:
+                        raise RunError(failures[0])
                     if stop.requested is not None:
                         break
             except Exception as e:

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 
 from gradcam_engine.engine import contract as C
 from gradcam_engine.engine.decode import DecodedImage
+from gradcam_engine.engine.errors import RunError, UserError
 from gradcam_engine.engine.inputs import InputItem
 from gradcam_engine.engine.overlay import write_overlays
 from gradcam_engine.engine.pipeline import Loaded, LoadedBatch, load
@@ -32,6 +33,7 @@ from gradcam_engine.engine.storage import is_uri
 
 KIND = "_kind"
 INDEX = "_index"
+FAILURE = "failure"  # a writer task's result: why it committed nothing ("" when it committed its shard)
 OK = "ok"
 ERROR = "error"
 WIDTH = "width"
@@ -132,12 +134,33 @@ class CommitSpec:
     overlay_dir: str
     attempt: str
     lock_token: str
+    run_digest: str = ""  # the digest of the run's fingerprint each shard carries (engine.rundir.run_digest)
 
 
 def write_batch(table: pa.Table, commit: CommitSpec, overlay_limit: int, spec: DecodeSpec,
                 methods: tuple[str, ...] = (), overlay_index: int = 0) -> Columns:
     """Writer task: overlays, then the rows as one shard, written, read back, checksummed and renamed into results/,
-    so a committed row has its overlay; the driver journals the record this returns."""
+    so a committed row has its overlay; the driver journals the record this returns. A failure the user can fix
+    (a lost lock, a full or read-only disk) is returned in FAILURE for the driver to raise: Ray Data replaces an
+    exception raised here by one that no longer carries it."""
+    try:
+        return _write(table, commit, overlay_limit, spec, methods, overlay_index)
+    except UserError as e:
+        return _failed(str(e))
+    except OSError as e:
+        return _failed(f"{commit.run_dir}: a writer task cannot commit a shard ({e.strerror or e}: "
+                       f"{e.filename or commit.results_dir}); nothing committed is lost: fix the cause and rerun the "
+                       "same command")
+
+
+def _failed(message: str) -> Columns:
+    nothing = np.zeros(1, np.int64)
+    return {"shard": np.array([""], dtype=object), "rows": nothing, "sha256": np.array([""], dtype=object),
+            "bytes": nothing, "ok": nothing, FAILURE: np.array([message], dtype=object)}
+
+
+def _write(table: pa.Table, commit: CommitSpec, overlay_limit: int, spec: DecodeSpec, methods: tuple[str, ...],
+           overlay_index: int) -> Columns:
     table = table.sort_by(INDEX)
     index = table.column(INDEX).to_numpy()
     if overlay_limit and int(index[0]) < overlay_limit:
@@ -145,15 +168,17 @@ def write_batch(table: pa.Table, commit: CommitSpec, overlay_limit: int, spec: D
                              Path(commit.overlay_dir), spec, overlay_column(methods, overlay_index))
     schema = results_schema(methods)
     name = shard_name(commit.attempt, new_token())
-    tmp, record = stage_shard(Path(commit.staging_dir), table.select(schema.names).cast(schema), name, spec.base)
+    tmp, record = stage_shard(Path(commit.staging_dir), table.select(schema.names).cast(schema), name, spec.base,
+                              commit.run_digest)
     if not lock_token_matches(Path(commit.run_dir), commit.lock_token):  # the driver is gone or was replaced
         tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"{commit.run_dir}: the run lock is no longer this run's; shard not committed")
+        raise RunError(f"{commit.run_dir}: the run lock was taken over by another run; this run stops without "
+                       "committing more")
     publish_shard(tmp, Path(commit.results_dir), name)
     statuses = table.column("status").to_pylist()
     return {"shard": np.array([name], dtype=object), "rows": np.array([record.rows], np.int64),
             "sha256": np.array([record.sha256], dtype=object), "bytes": np.array([record.bytes], np.int64),
-            "ok": np.array([statuses.count("ok")], np.int64)}
+            "ok": np.array([statuses.count("ok")], np.int64), FAILURE: np.array([""], dtype=object)}
 
 
 def write_table_overlays(table: pa.Table, folder: Path, spec: DecodeSpec, column: str = "cam") -> None:

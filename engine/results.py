@@ -29,6 +29,7 @@ from gradcam_engine.engine.pipeline import LoadedBatch
 RESULTS_DIR = "results"
 SHARD_PREFIX, SHARD_SUFFIX = "part-", ".parquet"
 BASE_KEY = b"gradcam.base"  # Parquet key-value metadata: the directory relative paths in this shard start from
+RUN_KEY = b"gradcam.run"  # and the digest of the run's fingerprint (engine.rundir): only its own run adopts a stray
 
 SCHEMA = pa.schema([
     ("path", pa.string()),
@@ -208,13 +209,13 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def stage_shard(staging_dir: Path, table: pa.Table, name: str, base: str) -> tuple[Path, ShardRecord]:
-    """Write a shard in the staging folder, flush it, read it back whole and checksum it; OSError on a full or
-    read-only disk (the temporary file is removed first)."""
+def stage_shard(staging_dir: Path, table: pa.Table, name: str, base: str, run: str = "") -> tuple[Path, ShardRecord]:
+    """Write a shard in the staging folder, tagged with the run's digest, flush it, read it back whole and checksum
+    it; OSError on a full or read-only disk (the temporary file is removed first)."""
     staging_dir.mkdir(parents=True, exist_ok=True)
     tmp = staging_dir / f"{name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        table = table.replace_schema_metadata({BASE_KEY: path_text(base).encode()})
+        table = table.replace_schema_metadata({BASE_KEY: path_text(base).encode(), RUN_KEY: run.encode()})
         pq.write_table(table, tmp, compression="zstd", use_dictionary=DICTIONARY_COLUMNS, write_page_checksum=True)
         fsync_path(tmp)
         back = pq.read_table(tmp, page_checksum_verification=True)

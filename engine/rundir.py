@@ -21,6 +21,7 @@ other started, and a later run never replaces or deletes a committed shard (exce
 from __future__ import annotations
 
 import errno
+import hashlib
 import itertools
 import json
 import os
@@ -32,15 +33,17 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
+import pyarrow as pa
 
 from gradcam_engine.engine.errors import RunError, UserError, first_line, one_line
 from gradcam_engine.engine.inputs import Identities, InputItem, InputListing, normalise_spec
 from gradcam_engine.engine.journal import JOURNAL, Journal, JournalState, write_atomically
 from gradcam_engine.engine.overlay import OVERLAY_DIR, overlay_name
-from gradcam_engine.engine.results import RESULTS_DIR, ShardRecord, publish_shard, shard_name, stage_shard
+from gradcam_engine.engine.results import (RESULTS_DIR, ShardRecord, publish_shard, results_schema, shard_name,
+                                           stage_shard)
 from gradcam_engine.engine.run_config import RunConfig
 from gradcam_engine.engine.runlock import RunLock
 from gradcam_engine.engine.signals import RunInterrupted, signal_name
@@ -94,6 +97,12 @@ def fingerprint(config: RunConfig, artifact_sum: str, class_index: int, precisio
             "overlays": config.overlays, "overlay_method": config.overlay_method}
 
 
+def run_digest(fingerprint: dict[str, Any]) -> str:
+    """The digest of a run's fingerprint that each of its shards carries, so a shard found in results/ without a
+    journal line can prove it is this run's."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def library_versions() -> dict[str, str]:
     """The versions that decide the numbers, recorded in run.json."""
     import onnxruntime
@@ -145,6 +154,8 @@ class RunDirectory:
         self._identified = False
         self._created = False
         self.repaired = ""
+        self.run_digest = ""                    # set by prepare: written into every shard this run commits
+        self.schema: pa.Schema = results_schema()
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
     @contextmanager
@@ -211,9 +222,9 @@ class RunDirectory:
         except OSError:
             pass
 
-    def prepare(self, fingerprint: dict[str, Any], overwrite: bool) -> None:
+    def prepare(self, fingerprint: dict[str, Any], overwrite: bool, methods: Sequence[str] = ()) -> None:
         """Check that the directory holds this same run (else refuse, unless overwriting), then verify what it
-        holds and rewrite the journal with exactly what verified."""
+        holds (results of an artifact with these CAM methods) and rewrite the journal with exactly what verified."""
         if overwrite:
             self._wipe()
         state = self.journal.read()
@@ -234,6 +245,7 @@ class RunDirectory:
                                f"{RESULTS_DIR}/ belongs to; use another --out, or --overwrite to start again")
             raise RunError(f"{self.out}: has results but no {RUN_JSON}; use another --out or --overwrite")
         self._identified = True
+        self.run_digest, self.schema = run_digest(fingerprint), results_schema(methods)
         if unreadable:
             self.repaired = f"{RUN_JSON} was unreadable ({unreadable}); rewritten " + (
                 f"from {JOURNAL}" if state.fingerprint else "(no results were committed)")
@@ -272,7 +284,7 @@ class RunDirectory:
                 for tmp in folder.glob(".*.tmp"):
                     tmp.unlink(missing_ok=True)
         rows = CommittedRows()
-        check = ShardCheck(self.results, self.damaged, self._found)
+        check = self._check(self._found)
         trusted = check.journaled(state.shards, rows)
         trusted += check.strays({r.name for r in trusted}, rows)
         state.shards = trusted
@@ -285,6 +297,9 @@ class RunDirectory:
         self._state = state
         self._done = set(rows.status)
         self._clean_overlays(rows.paths)
+
+    def _check(self, findings: Findings) -> ShardCheck:
+        return ShardCheck(self.results, self.damaged, findings, self.run_digest, self.schema)
 
     def _clean_overlays(self, paths: list[str]) -> None:
         """Overlays of rows that were never committed (a killed run wrote them) are removed; their rows are redone."""
@@ -362,7 +377,7 @@ class RunDirectory:
         self.lock.check()
         name = self.next_shard_name()
         try:
-            tmp, record = stage_shard(self.staging, table, name, os.getcwd())
+            tmp, record = stage_shard(self.staging, table, name, os.getcwd(), self.run_digest)
             publish_shard(tmp, self.results, name)
         except OSError as e:
             raise RunError(f"{self.results}: cannot commit a shard ({_os_reason(e)}); nothing committed is lost: "
@@ -389,7 +404,7 @@ class RunDirectory:
         aside, so the dataset a complete run reports is whole."""
         rows = CommittedRows()
         found = Findings()
-        check = ShardCheck(self.results, self.damaged, found)
+        check = self._check(found)
         records = self._state.shards + self._committed_now
         try:
             for record in records:
@@ -470,9 +485,13 @@ class RunDirectory:
 
     def fail(self, reason: str) -> None:
         """Record a failure in run.json (best effort: on a full disk even this may not fit) once the directory is
-        known to hold this run; a directory holding another run, or none we can identify, is never touched."""
-        if not self._identified:
-            return
+        known to hold this run; a directory holding another run, or none we can identify, is never touched, nor one
+        whose lock another run has taken over."""
+        try:
+            if not self._identified or not self.lock.still_held():
+                return
+        except OSError:
+            pass  # cannot read the lock: record the failure, best effort as below
         self.info.update(status="failed", reason=reason, finished=_now())
         if "fingerprint" not in self.info and self._state.fingerprint is not None:
             self.info["fingerprint"] = self._state.fingerprint

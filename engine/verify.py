@@ -1,9 +1,11 @@
 """Which shards in results/ can be trusted, decided from their own bytes: what a resumed run counts as done.
 
-A journaled shard is trusted when its size and sha256 match the journal and it reads back. A file the journal does
-not list (a kill between a shard's rename and its journal line, or a file put there by hand) is read back whole and
-adopted when it is a results shard none of whose rows is already committed. Anything else is set aside: moved to
-damaged/, kept as found, never deleted, and recorded with the reason; the rows it held are then simply not done.
+A journaled shard is trusted when its size and sha256 match the journal, it reads back and repeats no row of a shard
+trusted before it. A file the journal does not list (a kill between a shard's rename and its journal line, or a file
+put there by hand) is read back whole and adopted only when it provably belongs to this run: it carries the digest of
+this run's fingerprint (engine.results.RUN_KEY), has exactly this run's results schema, and none of its rows is
+already committed. Anything else is set aside: moved to damaged/, kept as found, never deleted, and recorded with the
+reason; the rows it held are then simply not done.
 """
 from __future__ import annotations
 
@@ -14,10 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from gradcam_engine.engine.artifact import sha256_file
 from gradcam_engine.engine.errors import first_line
 from gradcam_engine.engine.inputs import Identities
-from gradcam_engine.engine.results import ShardRecord, is_shard_name, path_key, read_shard, shard_base
+from gradcam_engine.engine.results import RUN_KEY, ShardRecord, is_shard_name, path_key, read_shard, shard_base
 
 
 @dataclass
@@ -38,16 +42,19 @@ class Findings:
 
 
 class ShardCheck:
-    """Checks results/ against a list of journaled shards, moving what cannot be trusted to `damaged`."""
+    """Checks results/ against a list of journaled shards, moving what cannot be trusted to `damaged`; `run` (the
+    digest of the run's fingerprint) and `schema` are what a stray shard must carry to be adopted."""
 
-    def __init__(self, results: Path, damaged: Path, findings: Findings):
+    def __init__(self, results: Path, damaged: Path, findings: Findings, run: str, schema: pa.Schema):
         self.results = results
         self.damaged = damaged
         self.findings = findings
+        self.run = run
+        self.schema = schema
 
     def journaled(self, records: list[ShardRecord], rows: CommittedRows) -> list[ShardRecord]:
         """The journaled shards that verify, their rows added to `rows`; a missing one is noted (its rows are
-        redone), a damaged one set aside."""
+        redone), a damaged one or one repeating rows of a shard before it set aside."""
         trusted: list[ShardRecord] = []
         names: set[str] = set()
         for record in records:
@@ -60,7 +67,7 @@ class ShardCheck:
                 continue
             problem = self.problem(path, record, rows)
             if problem:
-                self.set_aside(path, problem, record.rows)
+                self.set_aside(path, problem, self._redone(path, rows, record.rows))
                 continue
             trusted.append(record)
         return trusted
@@ -84,23 +91,20 @@ class ShardCheck:
             return f"size {size} bytes, committed as {record.bytes}"
         if sha256_file(path) != record.sha256:
             return "checksum mismatch"
-        return "" if rows is None or self.read_rows(path, rows) else "does not read back"
+        return "" if rows is None else self.read_rows(path, rows)
 
-    def read_rows(self, path: Path, rows: CommittedRows, fresh: bool = False) -> bool:
-        """Add a shard's rows; False (nothing added) when it does not read back, or, when `fresh`, repeats a row
-        already committed or one of its own."""
+    def read_rows(self, path: Path, rows: CommittedRows) -> str:
+        """Add a shard's rows; else (nothing added) why not: it does not read back, or it repeats a row already
+        committed or one of its own (a copy, by hand or by a retried writer)."""
         try:
-            table = read_shard(path, columns=["path", "status"])
-            identities = Identities(shard_base(path))
+            ids, texts, statuses = _rows(path)
         except Exception:  # pyarrow raises several types on damaged files
-            return False
-        texts = table.column("path").to_pylist()
-        ids = [identities(path_key(t)) for t in texts]
-        if fresh and (len(set(ids)) != len(ids) or not rows.status.keys().isdisjoint(ids)):
-            return False
-        rows.status.update(zip(ids, table.column("status").to_pylist()))
+            return "does not read back"
+        if len(set(ids)) != len(ids) or not rows.status.keys().isdisjoint(ids):
+            return "repeats rows already committed"
+        rows.status.update(zip(ids, statuses))
         rows.paths.extend(texts)
-        return True
+        return ""
 
     def _adopt(self, path: Path, rows: CommittedRows) -> ShardRecord | None:
         if not (path.is_file() and is_shard_name(path.name)):
@@ -111,13 +115,27 @@ class ShardCheck:
         except Exception as e:
             self.set_aside(path, f"not journaled and does not read back ({first_line(e, 100)})", None)
             return None
-        if "path" not in table.column_names or "status" not in table.column_names:
-            self.set_aside(path, "not journaled and not a results shard", table.num_rows)
+        if table.schema.remove_metadata() != self.schema:
+            self.set_aside(path, "not journaled and not a shard of this run's results schema",
+                           self._redone(path, rows, table.num_rows))
             return None
-        if not self.read_rows(path, rows, fresh=True):
-            self.set_aside(path, "not journaled and repeats rows already committed", table.num_rows)
+        if not self.run or (table.schema.metadata or {}).get(RUN_KEY) != self.run.encode():
+            self.set_aside(path, "not journaled and from another run (it lacks this run's digest)",
+                           self._redone(path, rows, table.num_rows))
+            return None
+        problem = self.read_rows(path, rows)
+        if problem:
+            self.set_aside(path, f"not journaled and {problem}", self._redone(path, rows, table.num_rows))
             return None
         return ShardRecord(path.name, table.num_rows, sha256_file(path), path.stat().st_size)
+
+    @staticmethod
+    def _redone(path: Path, rows: CommittedRows, count: int) -> int:
+        """How many of a set-aside shard's `count` rows no trusted shard holds: the rows the run redoes."""
+        try:
+            return len(set(_rows(path)[0]) - rows.status.keys())
+        except Exception:  # it does not read back: all of them
+            return count
 
     def set_aside(self, path: Path, reason: str, rows: int | None) -> None:
         """Move a file out of results/ into damaged/ (kept as found) and record why."""
@@ -131,3 +149,11 @@ class ShardCheck:
         self.findings.set_aside.append({"shard": path.name, "reason": reason, "rows": rows,
                                         "moved_to": f"{self.damaged.name}/{target.name}",
                                         "found": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+def _rows(path: Path) -> tuple[list[str], list[str], list[str]]:
+    """A shard's input identities, `path` texts and statuses; raises when it does not read back."""
+    table = read_shard(path, columns=["path", "status"])
+    identities = Identities(shard_base(path))
+    texts = table.column("path").to_pylist()
+    return [identities(path_key(t)) for t in texts], texts, table.column("status").to_pylist()

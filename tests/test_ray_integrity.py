@@ -10,6 +10,7 @@ import signal
 import tarfile
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from gradcam_engine.engine.run_config import RunConfig
 from gradcam_engine.engine.session import SessionOptions
 from engine_support import (SmallArtifact, artifact, copy_artifact, encode, scene,  # noqa: F401 (fixture)
                             write_scenes)
-from rundir_support import journal_shards, run_json, slow_images
+from rundir_support import gradcam_here, journal_shards, one_line, run_json, slow_images
 
 
 def config(art: Path, inputs: list[Path], out: Path, **options: Any) -> RunConfig:
@@ -29,22 +30,65 @@ def config(art: Path, inputs: list[Path], out: Path, **options: Any) -> RunConfi
                      session=SessionOptions(threads=1), **{"batch_size": 2, "shard_size": 4, **options})
 
 
-def test_ray_refuses_a_run_directory_another_run_holds(ray_cluster: Any, artifact: SmallArtifact,  # noqa: F811
-                                                       tmp_path: Path) -> None:
+def test_ray_refuses_a_run_directory_another_run_holds_before_starting_ray(
+        artifact: SmallArtifact, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    from gradcam_engine.engine import ray_run
     from gradcam_engine.engine.errors import RunError
-    from gradcam_engine.engine.ray_run import RayOptions, run_gradcam_ray
     from gradcam_engine.engine.runlock import RunLock
 
+    started: list[str] = []
+    monkeypatch.setattr(ray_run, "ray_session", lambda ray, options: started.append("ray") or nullcontext())
     write_scenes(tmp_path / "images", [(40, 30), (30, 40)])
     (tmp_path / "run").mkdir()
     held = RunLock(tmp_path / "run")
     held.acquire()
     try:
         with pytest.raises(RunError, match=rf"in use by another run \(pid {os.getpid()} on "):
-            run_gradcam_ray(config(artifact.root, [tmp_path / "images"], tmp_path / "run"), RayOptions(concurrency=1))
+            ray_run.run_gradcam_ray(config(artifact.root, [tmp_path / "images"], tmp_path / "run"),
+                                    ray_run.RayOptions(concurrency=1))
     finally:
         held.release()
-    assert list((tmp_path / "run").iterdir()) == []
+    assert started == [] and list((tmp_path / "run").iterdir()) == []
+
+
+def test_ray_commit_seconds_is_refused_in_one_line(artifact: SmallArtifact, tmp_path: Path,  # noqa: F811
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    write_scenes(tmp_path / "images", [(40, 30)])
+    code, _, err = gradcam_here([str(artifact.root), str(tmp_path / "images"), "--out", str(tmp_path / "run"),
+                                 "--runner", "ray", "--commit-seconds", "5"], capsys)
+    assert code == 2 and one_line(err).startswith("gradcam run: error: --commit-seconds needs --runner local")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_ray_run_whose_lock_is_taken_over_stops_with_a_one_line_error(
+        ray_cluster: Any, artifact: SmallArtifact, tmp_path: Path) -> None:  # noqa: F811
+    from gradcam_engine.engine.errors import RunError
+    from gradcam_engine.engine.ray_run import RayOptions, run_gradcam_ray
+
+    slow_images(tmp_path / "slow", 40)
+    run_dir = tmp_path / "run"
+    lock = run_dir / "run.lock"
+    taken: dict[str, Any] = {}
+
+    def take_over_after_a_commit() -> None:
+        deadline = time.monotonic() + 120
+        while not journal_shards(run_dir) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        taken["lock"] = json.dumps({**json.loads(lock.read_text()), "token": "another run's"}) + "\n"
+        lock.write_text(taken["lock"])  # what a run that judged this one dead would hold
+        taken["run.json"] = (run_dir / "run.json").read_bytes()
+
+    thief = threading.Thread(target=take_over_after_a_commit)
+    thief.start()
+    try:
+        with pytest.raises(RunError, match="run lock was taken over by another run") as failed:
+            run_gradcam_ray(config(artifact.root, [tmp_path / "slow"], run_dir), RayOptions(concurrency=1))
+    finally:
+        thief.join()
+    assert "\n" not in str(failed.value) and "Traceback" not in str(failed.value)
+    assert lock.read_text() == taken["lock"]  # the directory is left to its new holder
+    assert (run_dir / "run.json").read_bytes() == taken["run.json"]
+    assert sum(line["rows"] for line in journal_shards(run_dir)) < 40
 
 
 def test_ray_resume_verifies_every_shard_its_writers_committed_and_names_any_file(

@@ -1,16 +1,19 @@
 """Every failure a user can cause or meet ends in one line and exit code 2, with run.json "failed" and the reason
 where the run directory is this run's, nothing committed lost and no temporary file left; a rerun after fixing the
-cause completes. Disks fill up and turn read-only for real: a small tmpfs and a read-only bind mount."""
+cause completes. Disks fill up and turn read-only for real: a small tmpfs and a read-only bind mount (as root), and a
+file-size limit that fails writes with EFBIG through the same write path (any user)."""
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from engine_support import (SmallArtifact, artifact, results_table, rows_by_path, scene,  # noqa: F401 (fixture)
-                            write_image, write_scenes)
+from engine_support import (REPO, SmallArtifact, artifact, child_env, results_table, rows_by_path,  # noqa: F401
+                            scene, write_image, write_scenes)
 from rundir_support import (fill, gradcam_here, journal_shards, needs_root, one_line, read_only, run_json,
                             stray_files, tmpfs)
 
@@ -57,6 +60,37 @@ def test_a_full_disk_during_a_run_fails_in_one_line_and_keeps_what_was_committed
         assert code == 0, err
         assert out.startswith(f"30 images: 30 ok, 0 errors; processed {30 - committed} ")
         assert len(rows_by_path(run_dir)) == 30 and run_json(run_dir)["status"] == "complete"
+
+
+# `gradcam ARGS` whose files may not grow past LIMIT bytes: a write beyond it fails with EFBIG through the real write
+# path, as on a full disk, without root. SIGXFSZ, which would kill the process instead, is ignored.
+LIMITED = ("import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+           "resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv.pop(1)),) * 2); "
+           "runpy.run_module('gradcam_engine.cli', run_name='__main__')")
+
+
+def test_a_file_size_limit_during_a_run_fails_in_one_line_and_keeps_what_was_committed(
+        artifact: SmallArtifact, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    folder = tmp_path / "images"
+    write_scenes(folder, [(40 + i, 30 + i) for i in range(6)])
+    noise = np.random.default_rng(0).integers(0, 256, (700, 700, 3), np.uint8)
+    write_image(folder / "z_noise.png", noise)  # sorts last; its overlay outgrows the limit, the rest fit
+    run_dir = tmp_path / "run"
+    argv = [str(artifact.root), str(folder), "--out", str(run_dir), "--overlays", "all", "--shard-size", "2",
+            "--batch-size", "2", "--workers", "1"]
+    limited = subprocess.run([sys.executable, "-c", LIMITED, str(96 << 10), "run", *argv], cwd=REPO, env=child_env(),
+                             capture_output=True, text=True, timeout=120)
+    assert limited.returncode == 2, limited.stderr
+    assert "cannot write an overlay (File too large)" in one_line(limited.stderr)
+    state = run_json(run_dir)
+    assert state["status"] == "failed" and "File too large" in state["reason"]
+    assert sum(line["rows"] for line in journal_shards(run_dir)) == results_table(run_dir).num_rows == 6
+    assert stray_files(run_dir) == []
+
+    code, out, err = gradcam_here(argv, capsys)  # the limit lifted
+    assert code == 0, err
+    assert out.startswith("7 images: 7 ok, 0 errors; processed 1 ")
+    assert len(rows_by_path(run_dir)) == 7 and run_json(run_dir)["status"] == "complete"
 
 
 @needs_root

@@ -3,13 +3,16 @@ reads back, new inputs never replace committed shards, and a damaged or unjourna
 exactly its rows redone."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import shutil
 import tarfile
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -168,6 +171,77 @@ def test_a_shard_renamed_but_never_journaled_is_adopted_when_whole_and_set_aside
         assert (run_dir / "damaged" / unjournaled).exists()
     assert len(rows_by_path(run_dir)) == 12
     assert {p.name for p in (run_dir / "results").iterdir()} == {line["name"] for line in journal_shards(run_dir)}
+
+
+def _paths(shard: Path) -> set[str]:
+    return set(pq.read_table(shard, columns=["path"]).column("path").to_pylist())
+
+
+def test_a_shard_copied_from_a_run_with_another_target_is_set_aside_and_its_rows_redone(
+        artifact: SmallArtifact, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    argv, run_dir = _three_shards(artifact, tmp_path, capsys)
+    before = rows_by_path(run_dir)
+    other = tmp_path / "other"
+    run_ok([*argv[:3], str(other), *argv[4:], "--target", "1"], capsys)
+    # A shard lost here, "filled in" with the shard of the same images from the run that explained class 1.
+    victim = sorted((run_dir / "results").iterdir())[1]
+    copied = next(p for p in (other / "results").iterdir() if _paths(p) == _paths(victim))
+    foreign = pq.read_table(copied).to_pylist()
+    assert {row["target_class"] for row in foreign} == {1} and {row["predicted_class"] for row in foreign} != {1}
+    victim.unlink()
+    shutil.copy(copied, run_dir / "results" / copied.name)
+
+    out = run_ok(argv, capsys)
+
+    assert "processed 4 " in out
+    verified = run_json(run_dir)["verified_at_start"]
+    assert verified["adopted"] == [] and [m["shard"] for m in verified["missing"]] == [victim.name]
+    [event] = verified["set_aside"]
+    assert event["shard"] == copied.name and "from another run" in event["reason"] and event["rows"] == 4
+    assert (run_dir / "damaged" / copied.name).read_bytes() == copied.read_bytes()  # kept as found
+    table = pd.read_parquet(run_dir / "results")  # one dataset, this run's rows only
+    assert len(table) == 12 and set(table["path"]) == set(before)
+    assert (table["target_class"] == table["predicted_class"]).all()
+
+
+def test_an_unjournaled_shard_of_another_schema_is_set_aside_even_with_this_runs_digest(
+        artifact: SmallArtifact, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    argv, run_dir = _three_shards(artifact, tmp_path, capsys)
+    journal = run_dir / "journal.jsonl"
+    lines = journal.read_text().splitlines(keepends=True)
+    journal.write_text("".join(lines[:-1]))
+    shard = run_dir / "results" / json.loads(lines[-1])["name"]
+    table = pq.read_table(shard)  # its key-value metadata, this run's digest included, is kept
+    pq.write_table(table.append_column("note", pa.array(["edited"] * table.num_rows)), shard)
+
+    out = run_ok(argv, capsys)
+
+    assert "processed 4 " in out
+    [event] = run_json(run_dir)["verified_at_start"]["set_aside"]
+    assert event["shard"] == shard.name and "schema" in event["reason"]
+    table = pd.read_parquet(run_dir / "results")
+    assert len(table) == 12 and "note" not in table.columns
+
+
+def test_a_journaled_shard_that_repeats_another_shards_rows_is_set_aside(
+        artifact: SmallArtifact, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    argv, run_dir = _three_shards(artifact, tmp_path, capsys)
+    first = sorted((run_dir / "results").iterdir())[0]
+    copy = first.with_name(first.name.replace(".parquet", "-copy.parquet"))
+    shutil.copy(first, copy)
+    data = copy.read_bytes()
+    with open(run_dir / "journal.jsonl", "a") as journal:  # journaled as if committed: size and checksum verify
+        journal.write(json.dumps({"kind": "shard", "name": copy.name, "rows": 4,
+                                  "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}) + "\n")
+
+    out = run_ok(argv, capsys)
+
+    assert out.startswith("12 images: 12 ok, 0 errors; 1 damaged shard(s) set aside") and "processed 0 " in out
+    [event] = run_json(run_dir)["set_aside"]
+    assert event["shard"] == copy.name and "repeats rows" in event["reason"] and event["rows"] == 0
+    assert (run_dir / "damaged" / copy.name).exists() and (run_dir / "results" / first.name).exists()
+    assert len(pd.read_parquet(run_dir / "results")) == 12
+    assert copy.name not in [line["name"] for line in journal_shards(run_dir)]
 
 
 def test_a_run_never_reports_complete_over_a_shard_damaged_while_it_ran(artifact: SmallArtifact,  # noqa: F811
