@@ -144,8 +144,9 @@ def gate_verdict(artifact: Artifact, label: str, precision: str) -> str:
 def fast_pick(artifact: Artifact, precision: str, label: str, unfit: str = "") -> tuple[tuple[str, ...], str]:
     """((precision,), "") when `fast` may pick it here, else ((), why not): this machine is `unfit` for it, or the
     gate did not pass it."""
-    why = unfit or gate_verdict(artifact, label, precision)
-    return ((), why) if why else ((precision,), "")
+    if unfit:
+        return (), unfit
+    return ((precision,), "") if gate_passed(artifact, label) else ((), gate_verdict(artifact, label, precision))
 
 
 def precision_notes(artifact: Artifact, requested: str, chosen: str, label: str, wanted: str, why_not: str
