@@ -22,6 +22,7 @@ from gradcam_engine.bench.measure.images import jpeg_set, path_list, scene_image
 from gradcam_engine.bench.measure.machine import machine_info, rss_mb
 from gradcam_engine.bench.measure.timing import Timing, Unit, batched_run, round_robin, summarize
 from gradcam_engine.engine import contract as C
+from gradcam_engine.engine.bf16 import bf16_unavailable
 from gradcam_engine.engine.errors import first_line
 from gradcam_engine.export.methods import check_methods, method_names
 
@@ -117,6 +118,15 @@ def _devices(config: BenchConfig) -> list[str]:
     return [config.device]
 
 
+def skipped_precisions(config: BenchConfig) -> list[dict[str, str]]:
+    """The reduced precisions asked for that this machine does not time, each with why: bf16's contenders (Grad-CAM,
+    forward-only, end to end) where TensorFlow would emulate it or not apply it at all."""
+    why = bf16_unavailable() if "bf16" in config.precisions and "tf" in config.backends else ""
+    if not why or "cpu" not in _devices(config):
+        return []
+    return [{"contender": "gradcam tf-cpu bf16, forward tf-cpu bf16, end-to-end tf-cpu bf16", "reason": why}]
+
+
 def contender_specs(config: BenchConfig, artifact: Any, has_keras: bool) -> list[K.Spec]:
     """What to build: the reference, then per device each backend's Grad-CAM (each precision the artifact has, in
     hardware mode), its forward-only counterpart and, for ONNX Runtime and TensorFlow, the same graph with every CAM
@@ -127,7 +137,8 @@ def contender_specs(config: BenchConfig, artifact: Any, has_keras: bool) -> list
     specs = [K.Spec(K.REFERENCE, "reference")] if forward and "reference" in config.backends else []
     for device in _devices(config):
         cpu_only = {"onnx": ["int8"] if "int8" in config.precisions and artifact.has(C.ONNX_INT8_FILE) else [],
-                    "tf": ["bf16"] if "bf16" in config.precisions else []} if device == "cpu" else {}
+                    "tf": ["bf16"] if "bf16" in config.precisions and not bf16_unavailable() else []
+                    } if device == "cpu" else {}
         for backend, precisions in (("onnx", onnx_precisions), ("tf", tf_precisions), ("tf-xla", tf_precisions)):
             if backend in config.backends:
                 for p in [*precisions, *cpu_only.get(backend, [])]:
@@ -170,6 +181,9 @@ def build_contenders(config: BenchConfig, model: BenchModel, artifact: Any, log:
     if not has_keras and not config.hardware:
         built.skipped.append({"contender": "reference and forward-only",
                               "reason": "an artifact directory holds no Keras model; pass --model FILE.keras"})
+    for skip in skipped_precisions(config):
+        built.skipped.append(skip)
+        log(f"skipped {skip['contender']}: {skip['reason']}")
     shared: dict[str, Any] = {"artifact": artifact}
     for spec in specs:
         _build(spec, built, shared, log)
@@ -234,7 +248,7 @@ def _e2e_variants(config: BenchConfig, artifact: Any, device: str) -> list[tuple
     variants = [(backend, "fp32")]
     if device == "cpu" and "int8" in config.precisions and artifact.has(C.ONNX_INT8_FILE):
         variants.append(("onnx", "int8"))
-    if device == "cpu" and "bf16" in config.precisions and "tf" in config.backends:
+    if device == "cpu" and "bf16" in config.precisions and "tf" in config.backends and not bf16_unavailable():
         variants.append(("tf", "bf16"))
     return variants
 
@@ -374,12 +388,10 @@ def contender_memory(built: Built, config: BenchConfig, input_size: tuple[int, i
 
 def _export_request(config: BenchConfig, work: Path) -> tuple[str, str | None]:
     """The precisions to export and the path list int8 is calibrated on (scene JPEGs, not the timed images):
-    fp16 in hardware mode; int8 when asked for; bf16's gate figures where this CPU runs bf16 natively."""
-    from gradcam_engine.engine.cpu import native_bf16
-
+    fp16 in hardware mode; int8 when asked for; bf16's gate figures where this machine runs bf16 (bf16_unavailable)."""
     precisions = ["fp32", *(["fp16"] if config.hardware else [])]
     precisions += ["int8"] if "int8" in config.precisions else []
-    precisions += ["bf16"] if "bf16" in config.precisions and native_bf16() else []
+    precisions += ["bf16"] if "bf16" in config.precisions and not bf16_unavailable() else []
     if precisions in (["fp32"], ["fp32", "fp16"]):  # nothing to calibrate; fp16 is judged on random images
         return ",".join(precisions), None
     calibration = jpeg_set(work / "calibration", CALIBRATION_IMAGES, seed=config.seed + 1000)

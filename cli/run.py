@@ -94,8 +94,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace results of a different earlier run")
     p.add_argument("--precision", default=default(SessionOptions, "precision"), choices=PRECISIONS,
                    help="auto: fp16 on CUDA when the artifact has it, else fp32; fast: the fastest reduced precision "
-                        "here that the artifact has and that passed its gate (int8 on CPU, bf16 with --backend tf on "
-                        "a CPU with avx512_bf16/AMX, fp16 on CUDA), else as auto")
+                        "here that export's precision gate judged and passed (int8 on a CPU with VNNI/AMX, bf16 with "
+                        "--backend tf on a CPU with avx512_bf16/AMX, fp16 on CUDA), else as auto")
     p.add_argument("--io-binding", default=None, action=argparse.BooleanOptionalAction,
                    help="ONNX Runtime IO binding (default: on for CUDA)")
     p.add_argument("--fixed-batch", action="store_true", help="pad the last batch to --batch-size (stable shapes)")

@@ -46,8 +46,28 @@ def native_bf16() -> bool:
     return any(f in cpu_flags() for f in BF16_FEATURES)
 
 
+def missing_bf16() -> str:
+    """Why this CPU does not run bf16 natively ("" when it does)."""
+    if native_bf16():
+        return ""
+    return (f"this CPU has neither {' nor '.join(BF16_FEATURES)}, so TensorFlow would emulate bf16 at a fraction of "
+            "fp32's speed")
+
+
 def require_native_bf16() -> None:
     """Refuse bf16 on a CPU that would only emulate it (slower than fp32), naming the missing feature."""
     if not native_bf16():
-        raise RunError(f"--precision bf16: this CPU has neither {' nor '.join(BF16_FEATURES)}, so TensorFlow would "
-                       "emulate bf16 at a fraction of fp32's speed; use fp32 here (or int8 with --backend onnx)")
+        raise RunError(f"--precision bf16: {missing_bf16()}; use fp32 here (or int8 with --backend onnx)")
+
+
+def native_int8() -> bool:
+    """Whether int8 dot products run in hardware here (VNNI or AMX): ONNX Runtime's fast and exact int8 path."""
+    return any(f in cpu_flags() for f in INT8_FEATURES)
+
+
+def missing_int8() -> str:
+    """Why int8 does not pay on this CPU ("" when it does)."""
+    if native_int8():
+        return ""
+    return (f"this CPU has none of {', '.join(INT8_FEATURES)} (int8 dot-product units), so ONNX Runtime's int8 "
+            "either saturates (u8s8) or is slow (u8u8)")

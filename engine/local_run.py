@@ -8,6 +8,7 @@ SIGTERM stops taking inputs and commits what is in flight; a second one leaves a
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
@@ -78,8 +79,11 @@ def _run(config: RunConfig, session: Session | None, stop: GracefulStop) -> RunS
         run_dir.prepare(run_fingerprint, config.overwrite, methods)
         pending = run_dir.pending(listing)
         overlay_keys = {item.key for item in listing.items[:overlay_limit]} if overlay_limit else set()
+        note = getattr(session, "precision_note", "")  # a stand-in session may have none
+        if note:
+            print(f"gradcam run: {note}", file=sys.stderr)
         run_dir.start(config, run_fingerprint, session.device, precision, overlays=bool(overlay_keys),
-                      methods=list(methods))
+                      methods=list(methods), **({"precision_note": note} if note else {}))
         extra = {"overlays": bool(overlay_keys)}
         start = time.perf_counter()
         _stream(config, session, run_dir, [item for _, item in pending], overlay_keys, class_index, labels,

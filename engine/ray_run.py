@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -76,8 +77,9 @@ def replica_options(config: RunConfig, options: RayOptions) -> SessionOptions:
                                   threads=config.session.threads or max(1, int(options.num_cpus_per_worker)))
 
 
-def probe(ray: Any, artifact: str, session_options: SessionOptions, options: RayOptions) -> tuple[str, str]:
-    """(device, precision) of a replica built once with the replicas' resources; its setup errors surface here."""
+def probe(ray: Any, artifact: str, session_options: SessionOptions, options: RayOptions) -> tuple[str, str, str]:
+    """(device, precision, precision note) of a replica built once with the replicas' resources; its setup errors
+    surface here."""
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
     replicas = options.concurrency or 1
@@ -216,7 +218,7 @@ def run_gradcam_ray(config: RunConfig, options: RayOptions = RayOptions()) -> Ru
     with run_dir.opened(), ray_session(ray, options), progress_bars(ray, config.progress), \
             GracefulStop(exit_at_once=config.exit_on_second_signal) as stop:
         stop.on_abort = run_dir.abort
-        device, precision = probe(ray, str(artifact.root.resolve()), session_options, options)
+        device, precision, note = probe(ray, str(artifact.root.resolve()), session_options, options)
         run_fingerprint = fingerprint(config, artifact.checksum, class_index, precision)
         backend = f"{config.session.backend} {precision}"
         extra = {"overlays": overlay_limit > 0 and bool(listing.items), "runner": "ray"}
@@ -226,8 +228,11 @@ def run_gradcam_ray(config: RunConfig, options: RayOptions = RayOptions()) -> Ru
         pending = run_dir.pending(listing)
         ray_info = {**{k: (dict(v) if isinstance(v, Mapping) else v) for k, v in asdict(options).items()},
                     "cluster": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}}
+        if note:
+            print(f"gradcam run: {note}", file=sys.stderr)
         run_dir.start(config, run_fingerprint, device, precision, overlays=bool(extra["overlays"]),
-                      runner="ray", ray=ray_info, versions={"ray": ray.__version__}, methods=list(artifact.methods))
+                      runner="ray", ray=ray_info, versions={"ray": ray.__version__}, methods=list(artifact.methods),
+                      **({"precision_note": note} if note else {}))
         start = time.perf_counter()
         if pending:
             dataset = build_dataset(ray, pending, config, options, artifact, session_options, class_index,

@@ -112,10 +112,11 @@ class GradCAMActor:
         return with_position(to_table(rows, results_schema(self.methods)), batch)
 
 
-def probe_replica(artifact: str, options: SessionOptions) -> tuple[str, str]:
-    """Build one replica where replicas run and report (device, precision): the fingerprint needs them up front."""
+def probe_replica(artifact: str, options: SessionOptions) -> tuple[str, str, str]:
+    """Build one replica where replicas run and report (device, precision, precision note): the fingerprint needs
+    them up front."""
     session = GradCAMSession(artifact, options)
-    return session.device, session.precision
+    return session.device, session.precision, session.precision_note
 
 
 def overlay_column(methods: tuple[str, ...], index: int) -> str:

@@ -7,7 +7,6 @@ class registered by name with `@backend`; a new runtime is one class.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -21,9 +20,10 @@ from gradcam_engine.engine.errors import RunError
 Arrays = dict[str, np.ndarray]
 DEVICES = ("auto", "cpu", "cuda")
 # What a run may ask for. auto: fp16 on CUDA when the artifact has it, else fp32 (never int8 or bf16). fast: the
-# reduced precision that is fastest for this backend and device (int8 on ONNX Runtime CPU, bf16 on TensorFlow with a
-# native-bf16 CPU, fp16 on CUDA) when the artifact has it and it passed the precision gate, else fp32.
+# reduced precision that is fastest for this backend and device (int8 on ONNX Runtime with a VNNI/AMX CPU, bf16 on
+# TensorFlow with a native-bf16 CPU, fp16 on CUDA) when the precision gate judged and passed it, else as auto.
 PRECISIONS = ("auto", "fast", "fp32", "fp16", "int8", "bf16")
+X64_QUANT_PRECISION = "session.x64quantprecision"  # ONNX Runtime: u8u8 instead of u8s8 on x86 without VNNI
 _EXPORT_HINT = {"fp16": "--precision fp32,fp16", "int8": "--precision fp32,int8 --calibrate IMAGES"}
 
 
@@ -117,10 +117,48 @@ def choose_precision(requested: str, device: str, available: dict[str, str], fas
     return requested
 
 
+def gate_entry(artifact: Artifact, label: str) -> dict[str, Any] | None:
+    """Export's precision-gate verdict on a file (or on bf16), None when it was never judged."""
+    return artifact.manifest.get("precision_gate", {}).get("results", {}).get(label)
+
+
 def gate_passed(artifact: Artifact, label: str) -> bool:
-    """Whether export's precision gate passed this file (True when it was not judged): `fast` never picks a file
-    that was kept although it failed."""
-    return bool(artifact.manifest.get("precision_gate", {}).get("results", {}).get(label, {}).get("passed", True))
+    """Whether export's precision gate judged this file against fp32 and passed it: `fast` never picks a file that
+    was not judged, or that was kept although it failed."""
+    entry = gate_entry(artifact, label)
+    return bool(entry and entry.get("passed"))
+
+
+def gate_verdict(artifact: Artifact, label: str, precision: str) -> str:
+    """Why a reduced precision's quality is unknown or poor ("" when it passed the gate), with how to judge it."""
+    entry = gate_entry(artifact, label)
+    if entry is None:
+        return (f"not judged against fp32 on your images; export with --precision fp32,{precision} "
+                "--calibrate IMAGES to judge it")
+    if not entry.get("passed"):
+        failed = ", ".join(entry.get("failed", [])) or "its limits"
+        return f"it failed the precision gate against fp32 ({failed}; figures in manifest.json precision_gate)"
+    return ""
+
+
+def fast_pick(artifact: Artifact, precision: str, label: str, unfit: str = "") -> tuple[tuple[str, ...], str]:
+    """((precision,), "") when `fast` may pick it here, else ((), why not): this machine is `unfit` for it, or the
+    gate did not pass it."""
+    if unfit:
+        return (), unfit
+    return ((precision,), "") if gate_passed(artifact, label) else ((), gate_verdict(artifact, label, precision))
+
+
+def precision_notes(artifact: Artifact, requested: str, chosen: str, label: str, wanted: str, why_not: str
+                    ) -> list[str]:
+    """What a run says about its precision: why `fast` ran `chosen` rather than `wanted`, or what the gate says of
+    an explicitly asked reduced precision (`label`: its gate entry)."""
+    if requested == "fast" and chosen != wanted and why_not:
+        return [f"--precision fast ran {chosen}, not {wanted}: {why_not}"]
+    if requested == chosen != "fp32":
+        verdict = gate_verdict(artifact, label, chosen)
+        return [f"--precision {chosen}: {verdict}"] if verdict else []
+    return []
 
 
 def _onnx_files(artifact: Artifact) -> dict[str, str]:
@@ -132,12 +170,13 @@ def _onnx_files(artifact: Artifact) -> dict[str, str]:
 
 
 def onnx_session(path: str | Path | bytes, cuda: bool, threads: int = 0, cuda_graph: bool = False,
-                 trt_cache: str | None = None) -> Any:
+                 trt_cache: str | None = None, exact_int8: bool = False) -> Any:
     """An ONNX Runtime session set up for throughput; the one setup the engine, the bench and the GPU check share,
     so a Grad-CAM graph and its forward-only counterpart are always compared on equal terms.
 
     CUDA: NHWC kernels (the graph's layout, no transposes), the exhaustive cuDNN algorithm search and its full
     workspace, copies on their own stream; trt_cache adds TensorRT in fp16 in front, with its engines cached there.
+    exact_int8: int8 products as u8u8 (exact, slower) on x86 CPUs without VNNI, where u8s8 ones can saturate.
     """
     import onnxruntime as ort
 
@@ -145,6 +184,8 @@ def onnx_session(path: str | Path | bytes, cuda: bool, threads: int = 0, cuda_gr
     session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         session_options.intra_op_num_threads = threads
+    if exact_int8:
+        session_options.add_session_config_entry(X64_QUANT_PRECISION, "1")
     providers: list[Any] = ["CPUExecutionProvider"]
     if cuda:
         cuda_options = {"prefer_nhwc": "1", "cudnn_conv_algo_search": "EXHAUSTIVE",
@@ -175,17 +216,29 @@ class OnnxBackend:
         if options.precision == "bf16":
             raise RunError("--precision bf16: ONNX Runtime has no bf16 kernels for CPU (Conv, MatMul, Relu, Add are "
                            "not implemented for bfloat16); use --backend tf --precision bf16")
+        from gradcam_engine.engine.cpu import missing_int8
+
         files = _onnx_files(artifact)
-        fast = ("fp16",) if want_cuda else ("int8",)
-        fast = tuple(p for p in fast if p in files and gate_passed(artifact, files[p]))
+        wanted = "fp16" if want_cuda else "int8"
+        if wanted in files:
+            fast, why_not = fast_pick(artifact, wanted, files[wanted], "" if want_cuda else missing_int8())
+        else:
+            fast, why_not = (), f"the artifact has no {wanted} file; re-export with {_EXPORT_HINT[wanted]}"
         self.precision = choose_precision(options.precision, "cuda" if want_cuda else "cpu", files, fast)
+        notes = precision_notes(artifact, options.precision, self.precision, files[self.precision], wanted, why_not)
+        # Without VNNI/AMX, ONNX Runtime's u8s8 products saturate (VPMADDUBSW): run its exact u8u8 path instead.
+        exact_int8 = self.precision == "int8" and bool(missing_int8())
+        if exact_int8:
+            notes.append(f"--precision int8: {missing_int8()}; running the exact u8u8 path (fp32 may be faster "
+                         "here)")
+        self.note = "; ".join(notes)
         path = artifact.path(files[self.precision])
         verify_files(artifact, [files[self.precision]])  # checksum of the file actually loaded
 
         trt_cache = None
         if want_cuda and options.trt:
             trt_cache = options.trt_cache or str(Path.home() / ".cache" / "gradcam-engine" / "trt")
-        self.session = onnx_session(path, want_cuda, options.threads, options.cuda_graph, trt_cache)
+        self.session = onnx_session(path, want_cuda, options.threads, options.cuda_graph, trt_cache, exact_int8)
         check_graph(artifact, onnx_signature(self.session), files[self.precision])
         active = self.session.get_providers()
         self.device = "cuda" if "CUDAExecutionProvider" in active else "cpu"
@@ -261,18 +314,23 @@ class TFBackend:
                      if not name.endswith(".onnx")}
         if options.precision == "int8":
             raise RunError("--precision int8: the int8 file is an ONNX graph; use --backend onnx")
-        fast = ("fp16",) if self.device == "cuda" else ()
+        wanted, fast, why_not = "fp16", (("fp16",) if self.device == "cuda" else ()), ""
+        labels = dict(available)
         if "fp32" in available and self.device == "cpu":
-            fast = _bf16_fast(artifact) if options.precision == "fast" else ()
-            if options.precision == "bf16":
-                from gradcam_engine.engine.bf16 import require_bf16
+            from gradcam_engine.engine.bf16 import bf16_unavailable, require_bf16
 
+            if options.precision == "bf16":
                 require_bf16()
+            wanted = "bf16"
+            fast, why_not = fast_pick(artifact, "bf16", C.BF16_GATE_LABEL, bf16_unavailable())
             available["bf16"] = available["fp32"]  # bf16 is the fp32 SavedModel run under oneDNN bf16
+            labels["bf16"] = C.BF16_GATE_LABEL
         elif options.precision == "bf16":
             raise RunError("--precision bf16 runs on CPU (TensorFlow's oneDNN) from the fp32 SavedModel; on a GPU "
                            "use fp16")
         self.precision = choose_precision(options.precision, self.device, available, fast)
+        self.note = "; ".join(precision_notes(artifact, options.precision, self.precision, labels[self.precision],
+                                              wanted, why_not))
         verify_files(artifact, [available[self.precision]])
         self._tf = tf
         self._device_name = "/GPU:0" if self.device == "cuda" else "/CPU:0"
@@ -284,22 +342,13 @@ class TFBackend:
         return images, class_index
 
     def run_prepared(self, feed: Any, outputs: tuple[str, ...]) -> Arrays:
-        from gradcam_engine.engine.bf16 import tf_bfloat16
+        from gradcam_engine.engine.bf16 import tf_bfloat16, tf_float32
 
         tf = self._tf
         images, class_index = feed
-        with tf.device(self._device_name), (tf_bfloat16(tf) if self.precision == "bf16" else nullcontext()):
+        with tf.device(self._device_name), (tf_bfloat16 if self.precision == "bf16" else tf_float32)(tf):
             result = self._fn(**{C.IMAGES: tf.constant(images), C.CLASS_INDEX: tf.constant(class_index)})
             return {k: result[k].numpy() for k in outputs}
-
-
-def _bf16_fast(artifact: Artifact) -> tuple[str, ...]:
-    """("bf16",) when --precision fast may pick bf16 here: a native-bf16 CPU, oneDNN on, the gate not failed."""
-    from gradcam_engine.engine.bf16 import onednn_enabled
-    from gradcam_engine.engine.cpu import native_bf16
-
-    ok = native_bf16() and onednn_enabled() and gate_passed(artifact, C.BF16_GATE_LABEL)
-    return ("bf16",) if ok else ()
 
 
 def onnx_signature(session: Any) -> GraphSignature:
@@ -338,6 +387,11 @@ class GradCAMSession:
     @property
     def precision(self) -> str:
         return self.backend.precision
+
+    @property
+    def precision_note(self) -> str:
+        """One line on the precision chosen, for the run to print and record ("" when there is nothing to say)."""
+        return getattr(self.backend, "note", "")
 
     def prepare(self, batch: Arrays) -> Prepared:
         """Stage a batch: contiguous uint8, padded to the fixed size, copied to the device when bound."""
