@@ -14,7 +14,7 @@ def _export(args: argparse.Namespace) -> int:
 
     methods = check_methods([m.strip() for m in args.methods.split(",") if m.strip()])  # before TensorFlow loads
     import_tensorflow("gradcam export")
-    from gradcam_engine.export import ExportOptions, export_artifact, read_class_names
+    from gradcam_engine.export import ExportOptions, PrecisionGateError, export_artifact, read_class_names
     from gradcam_engine.export.sources import import_modules
 
     import_modules(args.imports or [])
@@ -23,7 +23,11 @@ def _export(args: argparse.Namespace) -> int:
         score=args.score, class_names=read_class_names(args.classes) if args.classes else None,
         input_size=args.input_size, overwrite=args.overwrite, methods=methods, calibrate=args.calibrate,
         calibration_images=args.calibration_images, keep_failing=args.keep_failing)
-    manifest = export_artifact(args.model, args.out, options)
+    try:
+        manifest = export_artifact(args.model, args.out, options)
+    except PrecisionGateError as e:  # written without the refused files: say what is there, then why (exit 2)
+        print(summary(e.manifest, args.out))
+        raise
     print(summary(manifest, args.out))
     return 0
 
@@ -69,6 +73,11 @@ def gate_lines(manifest: dict[str, Any]) -> list[str]:
             outcome += f"; first {front['convolutions']} of {front['of']} convolutions in fp32"
         name = label if entry["precision"] in label else f"{label} ({entry['precision']})"
         lines.append(f"    {name}: {figures(entry['figures'])}: {outcome}")
+        methods = entry["figures"].get("methods", {})
+        if methods:
+            lines.append("      CAM correlation mean / worst per method: " + ", ".join(
+                f"{m} {f['cam_corr_mean']:.4f} / {f['cam_corr_worst']:.4f}" if "cam_corr_mean" in f else f"{m} -"
+                for m, f in methods.items()))
     return lines
 
 

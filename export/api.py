@@ -8,13 +8,16 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from gradcam_engine.engine import contract as C
 from gradcam_engine.engine.artifact import file_table
 from gradcam_engine.engine.errors import first_line
-from gradcam_engine.export.errors import ExportError
+from gradcam_engine.export.errors import ExportError, PrecisionGateError
 from gradcam_engine.export.methods import check_methods, summary
+
+if TYPE_CHECKING:
+    from gradcam_engine.export.precisions import GateRecord
 
 ModelLike = Any  # a .keras/.h5 path, "module.py:function", a Keras or tf_keras model, or a (backbone, head) pair
 EXPORT_PRECISIONS = ("fp32", "fp16", "int8", "bf16", "both")  # --precision takes a comma list (export.precisions)
@@ -203,7 +206,7 @@ def export_artifact(model: ModelLike, out: str | Path, options: ExportOptions = 
         (tmp / C.ONNX_FILE).write_bytes(proto.SerializeToString())
         checks[C.ONNX_FILE] = fused.check
         precision.update({C.SAVED_MODEL_DIR: "fp32", C.ONNX_FILE: "fp32"})
-        gate = _write_reduced_precisions(tmp, proto, module, parts, options, precision, checks)
+        gate, refused = _write_reduced_precisions(tmp, proto, module, parts, options, precision, checks)
         manifest = _manifest(parts, options, facts, precision, checks)
         if gate is not None:
             manifest["precision_gate"] = gate
@@ -215,7 +218,18 @@ def export_artifact(model: ModelLike, out: str | Path, options: ExportOptions = 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if refused:
+        raise _gate_refusal(out, manifest, refused)
     return manifest
+
+
+def _gate_refusal(out: Path, manifest: dict[str, Any], refused: dict[str, str]) -> PrecisionGateError:
+    """The artifact is written without the refused files: say why each was refused and that the rest is usable."""
+    written = sorted(set(manifest["precision"].values()), key=lambda p: p != "fp32")
+    them = "it" if len(refused) == 1 else "them"
+    return PrecisionGateError(f"{'; '.join(refused.values())}; {out} is written without {them} and runs as is "
+                              f"({', '.join(written)}); pass --keep-failing to write {them} anyway",
+                              out, manifest, list(refused))
 
 
 @dataclass
@@ -301,8 +315,9 @@ def _write_onnx(path: Path, proto: Any, fn: Any, size: tuple[int, int], options:
 
 
 def _write_reduced_precisions(root: Path, proto: Any, module: Any, parts: ModelParts, options: ExportOptions,
-                              precision: dict[str, str], checks: dict[str, Any]) -> dict[str, Any] | None:
-    """fp16, int8 and bf16 as asked, each judged by the precision gate (export.precisions); the gate's record."""
+                              precision: dict[str, str], checks: dict[str, Any]) -> GateRecord:
+    """fp16, int8 and bf16 as asked, each judged by the precision gate (export.precisions); the gate's record and
+    the files it refused."""
     from gradcam_engine.export.precisions import write_reduced
 
     return write_reduced(

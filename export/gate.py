@@ -13,6 +13,8 @@ Why these limits (measured on the demo model, the seed ResNet50 and a MobileNetV
   - int8 rounds every activation to 256 levels: the demo model measures 0.9997 mean / 0.996 worst, a random-weight
     ResNet50 0.986 / 0.977 (0.985 / 0.917 calibrated on 16 images), so 0.98 mean / 0.90 worst passes those and stops
     calibrations that do not fit the data.
+  - every CAM method of the artifact is held to the CAM limits (Eigen-CAM only on images whose principal direction
+    is defined, export.parity.EIGEN_MIN_GAP): a format may suit Grad-CAM's map and not another method's.
   - top-1: 99% of the images keep their class; a change between two classes fp32 scores within 1% of each other
     (export.parity.NEAR_TIE) is a near-tie, counted and reported but not held against the file.
 """
@@ -20,8 +22,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Any
-
-from gradcam_engine.export.errors import ExportError
 
 FP16_SMALLEST_NORMAL = 6.1e-5
 FP16_LARGEST = 65504.0
@@ -36,6 +36,7 @@ class Limits:
     cam_corr_worst: float
 
 
+CAM_FIGURES = ("cam_corr_mean", "cam_corr_worst")  # judged for every CAM method of the artifact
 THRESHOLDS: dict[str, Limits] = {
     "fp16": Limits(top1_agreement_beyond_ties=0.99, cam_corr_mean=0.999, cam_corr_worst=0.99),
     "bf16": Limits(top1_agreement_beyond_ties=0.99, cam_corr_mean=0.999, cam_corr_worst=0.99),
@@ -48,7 +49,7 @@ class Verdict:
     """One file judged: its figures, the limits it was held to, what failed, and whether it was written anyway."""
 
     precision: str
-    figures: dict[str, float]
+    figures: dict[str, Any]
     failed: list[str]
     kept: bool = False            # written although it failed (--keep-failing)
     notes: dict[str, Any] | None = None  # how the file was made (fp32 front kept, calibration)
@@ -64,10 +65,20 @@ class Verdict:
                 "limits": asdict(THRESHOLDS[self.precision]), "figures": self.figures, **(self.notes or {})}
 
 
-def judge(precision: str, figures: dict[str, float], notes: dict[str, Any] | None = None) -> Verdict:
-    """Hold the figures to the precision's limits (those it has: a forward-only graph has no CAM)."""
+def judged(precision: str, figures: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """Every judged figure -> (value, lowest acceptable): those the figures have (a forward-only graph has no CAM),
+    and in an artifact with several CAM methods each further method's correlations, as `cam_corr_mean[method]` (the
+    first method's map is `cam`, judged under the plain names)."""
     limits = asdict(THRESHOLDS[precision])
-    failed = [name for name, low in limits.items() if name in figures and figures[name] < low]
+    out = {name: (float(figures[name]), low) for name, low in limits.items() if name in figures}
+    for method, own in list(figures.get("methods", {}).items())[1:]:
+        out.update({f"{name}[{method}]": (float(own[name]), limits[name]) for name in CAM_FIGURES if name in own})
+    return out
+
+
+def judge(precision: str, figures: dict[str, Any], notes: dict[str, Any] | None = None) -> Verdict:
+    """Hold the figures to the precision's limits."""
+    failed = [name for name, (value, low) in judged(precision, figures).items() if value < low]
     return Verdict(precision, figures, failed, notes=notes)
 
 
@@ -92,6 +103,11 @@ def likely_cause(verdict: Verdict, calibration_images: int = 0) -> str:
     if f.get("cams_lost"):
         return (f"{f['cams_lost']} of {f['images']} CAMs are all zero in {precision} where fp32's are not: the "
                 "activations are too small for the format")
+    methods = sorted({name.split("[")[1].rstrip("]") for name in verdict.failed if "[" in name})
+    if methods and all("[" in name for name in verdict.failed):
+        maps = f"the {', '.join(methods)} map{'s move' if len(methods) > 1 else ' moves'}"
+        return (f"{maps} more under {precision} rounding than the first method's, which passes; export those "
+                "methods in fp32 only (a separate artifact)")
     if precision == "int8":
         return (f"int8 activation ranges calibrated on {calibration_images} images do not fit the judged images: "
                 "calibrate on more images that look like the data (--calibration-images, --calibrate), or use "
@@ -110,11 +126,10 @@ def likely_cause(verdict: Verdict, calibration_images: int = 0) -> str:
     return f"{precision} rounding moves the CAMs of this model more than the limits allow"
 
 
-def refusal(label: str, verdict: Verdict, calibration_images: int = 0) -> ExportError:
-    """The one-line error for a file the gate refuses: which figure failed, the likely cause, the way out."""
-    limits = asdict(THRESHOLDS[verdict.precision])
-    failed = ", ".join(f"{name} {verdict.figures[name]:.4f} < {limits[name]}" for name in verdict.failed)
+def refusal(label: str, verdict: Verdict, calibration_images: int = 0) -> str:
+    """Why the gate refused a file, in one line: which figure failed, and the likely cause."""
+    figures = judged(verdict.precision, verdict.figures)
+    failed = ", ".join(f"{name} {figures[name][0]:.4f} < {figures[name][1]}" for name in verdict.failed)
     name = label if verdict.precision in label else f"{label} ({verdict.precision})"
-    return ExportError(f"{name} misses the precision gate: {failed} ({summary(verdict.figures)}); "
-                       f"likely cause: {likely_cause(verdict, calibration_images)}; pass --keep-failing to write it "
-                       "anyway")
+    return (f"{name} misses the precision gate: {failed} ({summary(verdict.figures)}); "
+            f"likely cause: {likely_cause(verdict, calibration_images)}")

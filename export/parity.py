@@ -6,7 +6,7 @@ this pulls in no TensorFlow.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -95,11 +95,13 @@ def worst_of(runs: list[dict[str, float]]) -> dict[str, float]:
     return worst
 
 
-def precision_figures(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> dict[str, float]:
+def precision_figures(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
+                      methods: Sequence[str] = ()) -> dict[str, Any]:
     """What a user sees change between fp32 (reference, its own top-1 explained) and a reduced precision (candidate,
     run with the reference's target classes so the CAMs compare): top-1 changes, near-ties counted apart; CAM
-    correlation mean and worst; CAM max abs diff; predictions diff; and fp32's feature-map peak, which tells when
-    activations are below a format's range."""
+    correlation mean and worst; CAM max abs diff; predictions diff; fp32's feature-map peak, which tells when
+    activations are below a format's range; and, when both have every method's maps (`cams`, named by `methods`),
+    each method's CAM correlations under `methods`."""
     pred_ref, pred = reference[C.PREDICTIONS].astype(np.float64), candidate[C.PREDICTIONS].astype(np.float64)
     n = len(pred_ref)
     scale = max(float(np.abs(pred_ref).max()), 1e-30)
@@ -107,7 +109,7 @@ def precision_figures(reference: dict[str, np.ndarray], candidate: dict[str, np.
     changed = np.flatnonzero(top_ref != top)
     margins = pred_ref[changed, top_ref[changed]] - pred_ref[changed, top[changed]]
     decisive = int((margins > NEAR_TIE * scale).sum())
-    figures: dict[str, float] = {
+    figures: dict[str, Any] = {
         "images": n,
         "top1_agreement": float(1 - len(changed) / n),
         "top1_changed": int(len(changed)),
@@ -128,6 +130,22 @@ def precision_figures(reference: dict[str, np.ndarray], candidate: dict[str, np.
         })
     if C.FEATURE_MAPS in reference:
         figures["feature_maps_peak"] = float(np.abs(reference[C.FEATURE_MAPS]).max())
+    if len(methods) > 1 and C.CAMS in reference and C.CAMS in candidate:
+        figures["methods"] = {m: _method_correlations(reference, candidate, i, m) for i, m in enumerate(methods)}
+    return figures
+
+
+def _method_correlations(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], index: int,
+                         method: str) -> dict[str, float]:
+    """One method's CAM correlations, Eigen-CAM's only on images whose principal direction is defined (as compare)."""
+    ref, cand = reference[C.CAMS][:, index], candidate[C.CAMS][:, index]
+    if method == EIGENCAM and C.FEATURE_MAPS in reference:
+        defined = eigen_gap(reference[C.FEATURE_MAPS]) >= EIGEN_MIN_GAP
+        ref, cand = ref[defined], cand[defined]
+    figures: dict[str, float] = {"images": int(len(ref)), "skipped": int(len(reference[C.CAMS]) - len(ref))}
+    if len(ref):
+        corr = cam_correlations(ref, cand)
+        figures.update({"cam_corr_mean": float(corr.mean()), "cam_corr_worst": float(corr.min())})
     return figures
 
 

@@ -9,6 +9,8 @@
     bf16   no file: TensorFlow runs saved_model with oneDNN bf16 (engine.bf16); export records its figures.
 
 fp32 is always written: it is what every other file is derived from and judged against, and what every runtime runs.
+A file the gate refuses is left out (its verdict recorded) and the rest of the artifact is written all the same;
+export then raises export.errors.PrecisionGateError, which says so.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ import numpy as np
 
 from gradcam_engine.engine import contract as C
 from gradcam_engine.engine.errors import first_line
-from gradcam_engine.export.calibration import GateImages, list_calibration, load_gate_images
+from gradcam_engine.export.calibration import (DEFAULT_IMAGES, MIN_IMAGES, GateImages, list_calibration,
+                                               load_gate_images)
 from gradcam_engine.export.errors import ExportError
 from gradcam_engine.export.gate import Verdict, judge, refusal
 
@@ -33,6 +36,7 @@ ALIASES = {"both": ("fp32", "fp16")}
 GATE_BATCH = 16
 Outputs = dict[str, np.ndarray]
 Call = Callable[[np.ndarray, np.ndarray], Outputs]  # (images, class_index) -> outputs
+GateRecord = tuple[dict[str, Any] | None, dict[str, str]]  # the manifest's precision_gate; refused file -> why
 
 
 def parse_precisions(spec: str | Sequence[str]) -> tuple[str, ...]:
@@ -58,8 +62,9 @@ def check_request(precision: str | Sequence[str], calibrate: Sequence[str] | Non
                           "(a directory, glob, path list, .tar shard or URI, as `gradcam run` takes)")
     if calibrate and wanted == ("fp32",):
         raise ExportError("--calibrate is for reduced precisions: add fp16, int8 or bf16 to --precision")
-    if images < 1:
-        raise ExportError("--calibration-images must be at least 1")
+    if images < MIN_IMAGES:  # a quarter is held out for the gate: fewer cannot calibrate and judge
+        raise ExportError(f"--calibration-images {images}: calibration and the precision gate need a sample of at "
+                          f"least {MIN_IMAGES} images (default {DEFAULT_IMAGES})")
     if calibrate:
         list_calibration(calibrate, images)  # a missing path or too few images, said now
 
@@ -82,19 +87,25 @@ class Gate:
 
     images: GateImages
     reference: Outputs
+    methods: tuple[str, ...] = ()   # the artifact's CAM methods: with several, every method's map is judged
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """What a candidate is asked for: the engine's outputs, every method's maps when there are several."""
+        return C.engine_outputs(self.methods)
 
     @classmethod
-    def on(cls, proto: Any, images: GateImages) -> "Gate":
+    def on(cls, proto: Any, images: GateImages, methods: Sequence[str] = ()) -> "Gate":
         """The gate for an fp32 graph on these images: fp32's outputs (its own top-1 explained), feature maps too."""
-        fp32 = _onnx_call(proto.SerializeToString(), (*C.ENGINE_OUTPUTS, C.FEATURE_MAPS))
-        return cls(images, _batched(fp32, images.held_out, None))
+        fp32 = _onnx_call(proto.SerializeToString(), (*C.engine_outputs(methods), C.FEATURE_MAPS))
+        return cls(images, _batched(fp32, images.held_out, None), tuple(methods))
 
     def judge(self, precision: str, candidate: Call, notes: dict[str, Any] | None = None) -> Verdict:
         """Run a candidate on the gate images (explaining fp32's classes, so CAMs compare) and judge it."""
         from gradcam_engine.export.parity import precision_figures
 
         got = _batched(candidate, self.images.held_out, self.reference[C.TARGET_CLASS])
-        return judge(precision, precision_figures(self.reference, got), notes)
+        return judge(precision, precision_figures(self.reference, got, self.methods), notes)
 
 
 @dataclass
@@ -110,6 +121,7 @@ class Export:
     write_onnx: Callable[[Path, Any, str], dict[str, Any]]
     write_fp16_saved_model: Callable[[Path], str | None]
     results: dict[str, dict[str, Any]] = field(default_factory=dict)  # the gate's verdicts, by file
+    refused: dict[str, str] = field(default_factory=dict)  # file -> why the gate refused it (left out)
 
     def record(self, label: str, verdict: Verdict) -> bool:
         """Record a verdict in the manifest; whether the file is to be written (passed, or kept on request)."""
@@ -117,10 +129,13 @@ class Export:
         self.results[label] = verdict.record()
         return verdict.passed or self.options.keep_failing
 
-    def keep(self, label: str, verdict: Verdict) -> None:
-        """Record a verdict; refuse the export when the file failed (unless --keep-failing)."""
-        if not self.record(label, verdict):
-            raise refusal(label, verdict, len(self.gate.images.calibration))
+    def keep(self, label: str, verdict: Verdict) -> bool:
+        """Record a verdict; whether to write the file. A failed one is left out with the refusal noted (unless
+        --keep-failing): the rest of the artifact does not depend on it."""
+        if self.record(label, verdict):
+            return True
+        self.refused[label] = refusal(label, verdict, len(self.gate.images.calibration))
+        return False
 
     def write(self, file: str, graph: Any, precision: str) -> None:
         """Write an ONNX file the gate kept (checked by onnx.checker, its verification figures recorded)."""
@@ -141,36 +156,44 @@ def writes(precision: str) -> Callable[[Callable[[Export], None]], Callable[[Exp
 
 def write_reduced(root: Path, proto: Any, options: ExportOptions, precision: dict[str, str], checks: dict[str, Any],
                   write_onnx: Callable[[Path, Any, str], dict[str, Any]],
-                  write_fp16_saved_model: Callable[[Path], str | None]) -> dict[str, Any] | None:
+                  write_fp16_saved_model: Callable[[Path], str | None]) -> GateRecord:
     """Write every reduced precision the options ask for into root, each judged by the gate; returns the manifest's
-    precision_gate section (None when only fp32 was asked for). `precision` and `checks` are the manifest's
-    file -> precision map and verification figures, filled in here."""
+    precision_gate section (None when only fp32 was asked for) and the refused files with why. `precision` and
+    `checks` are the manifest's file -> precision map and verification figures, filled in here."""
     wanted = parse_precisions(options.precision)
     if wanted == ("fp32",):
-        return None
-    gate = Gate.on(proto, load_gate_images(options.calibrate, options.calibration_images, input_size(proto)))
+        return None, {}
+    images = load_gate_images(options.calibrate, options.calibration_images, input_size(proto))
+    gate = Gate.on(proto, images, options.methods)
     export = Export(root, proto, options, gate, precision, checks, write_onnx, write_fp16_saved_model)
     for name in wanted[1:]:
         WRITERS[name](export)
-    return {"images": gate.images.source, "results": export.results}
+    section = {"images": gate.images.source, "results": export.results}
+    return {**section, "refused": list(export.refused)} if export.refused else section, export.refused
 
 
 @writes("fp16")
 def _fp16(export: Export) -> None:
     half, verdict = fp16_with_fp32_front(export.proto, export.gate)
-    export.keep(C.ONNX_FP16_FILE, verdict)
+    if not export.keep(C.ONNX_FP16_FILE, verdict):
+        export.checks[C.SAVED_MODEL_FP16_DIR] = ("skipped: the fp16 ONNX misses the precision gate even with an fp32 "
+                                                 "front, and this twin would be fp16 throughout")
+        return
     export.write(C.ONNX_FP16_FILE, half, "fp16")
     _fp16_saved_model(export)
 
 
 @writes("int8")
 def _int8(export: Export) -> None:
+    from gradcam_engine.engine.cpu import cpu_features
     from gradcam_engine.export.int8 import quantize_backbone
 
     quantized, info = quantize_backbone(export.proto, export.gate.images.calibration)
-    verdict = export.gate.judge("int8", _onnx_call(quantized.SerializeToString()), {"calibration": info})
-    export.keep(C.ONNX_INT8_FILE, verdict)
-    export.write(C.ONNX_INT8_FILE, quantized, "int8")
+    # ONNX Runtime's int8 kernels differ by CPU (VNNI or not), so the figures hold for the CPU they were judged on
+    notes = {"calibration": info, "runtime": "ONNX Runtime CPU", "cpu": cpu_features()}
+    verdict = export.gate.judge("int8", _onnx_call(quantized.SerializeToString(), export.gate.outputs), notes)
+    if export.keep(C.ONNX_INT8_FILE, verdict):
+        export.write(C.ONNX_INT8_FILE, quantized, "int8")
 
 
 @writes("bf16")
@@ -203,7 +226,7 @@ def fp16_with_fp32_front(proto: Any, gate: Gate) -> tuple[Any, Verdict]:
         keep32 = frozenset(front_nodes(proto.graph, convolutions)) if convolutions else frozenset()
         half = to_fp16(proto, keep32)
         front = {"convolutions": convolutions, "of": total, "nodes": len(keep32)}
-        verdict = gate.judge("fp16", _onnx_call(half.SerializeToString()), {"fp32_front": front})
+        verdict = gate.judge("fp16", _onnx_call(half.SerializeToString(), gate.outputs), {"fp32_front": front})
         if verdict.passed:
             break
     return half, verdict
@@ -217,7 +240,7 @@ def _fp16_saved_model(export: Export) -> None:
     if note is not None:
         export.checks[C.SAVED_MODEL_FP16_DIR] = note
         return
-    verdict = export.gate.judge("fp16", _tf_call(path))
+    verdict = export.gate.judge("fp16", _tf_call(path, export.gate.outputs))
     if export.record(C.SAVED_MODEL_FP16_DIR, verdict):
         export.precision[C.SAVED_MODEL_FP16_DIR] = "mixed_float16"
         return
@@ -227,14 +250,14 @@ def _fp16_saved_model(export: Export) -> None:
                                              "keeps it")
 
 
-def _tf_call(saved_model: Path) -> Call:
+def _tf_call(saved_model: Path, outputs: tuple[str, ...]) -> Call:
     import tensorflow as tf
 
     fn = tf.saved_model.load(str(saved_model)).signatures[C.SIGNATURE]
 
     def call(images: np.ndarray, class_index: np.ndarray) -> Outputs:
         out = fn(**{C.IMAGES: tf.constant(images), C.CLASS_INDEX: tf.constant(class_index)})
-        return {k: out[k].numpy() for k in C.ENGINE_OUTPUTS}
+        return {k: out[k].numpy() for k in outputs}
     return call
 
 
@@ -251,7 +274,7 @@ def _bf16(saved_model: Path, gate: Gate) -> Verdict:
         require_onednn()
     except RunError as e:
         raise ExportError(str(e).replace("--precision bf16", "bf16 check")) from None
-    fp32 = _tf_call(saved_model)
+    fp32 = _tf_call(saved_model, gate.outputs)
 
     def call(images: np.ndarray, class_index: np.ndarray) -> Outputs:
         with tf_bfloat16(tf):

@@ -3,7 +3,10 @@ the missing feature) where the CPU would only emulate it, and never on ONNX Runt
 
 The feature check is simulated by replacing the CPU's flags; the computation is never simulated. Where the CPU lacks
 native bf16 but has AVX-512, oneDNN emulates bf16 with the same rounding (slowly), so the quality test runs there too
-with the check bypassed, and it asserts that the results really are bf16's, not fp32's.
+with the check bypassed, and it asserts that the results really are bf16's, not fp32's. On a CPU without AVX-512,
+TensorFlow leaves its oneDNN kernels off (seen with TensorFlow 2.21 under a Haswell CPU model: oneDNN off, and the
+bf16 option then returns fp32's results bit for bit), so bf16 cannot run at all: there the same tests assert that
+the run, the session and the export refuse it, rather than skip.
 """
 from __future__ import annotations
 
@@ -14,10 +17,11 @@ import numpy as np
 import pytest
 
 from gradcam_engine.engine import contract as C
+from gradcam_engine.engine import bf16 as engine_bf16
 from gradcam_engine.engine import cpu
 from gradcam_engine.engine.errors import RunError
 from gradcam_engine.engine.session import GradCAMSession, SessionOptions
-from precision_support import DemoPrecisions, demo_precisions, held_out_scenes, pearson, tf_can_run_bf16
+from precision_support import DemoPrecisions, demo_precisions, held_out_scenes, pearson
 
 NO_BF16 = frozenset({"sse4_2", "avx2", "avx512f", "avx512_vnni"})  # a Cascade Lake / Zen 3-like CPU
 
@@ -28,12 +32,18 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoPrecisions:
 
 
 @pytest.fixture
-def bf16_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    """This CPU as one with native bf16, so the computation runs (natively or emulated by oneDNN)."""
-    if not tf_can_run_bf16():
-        pytest.skip("this CPU has neither bf16 units nor AVX-512: TensorFlow cannot compute bf16 here at all")
+def bf16_cpu(monkeypatch: pytest.MonkeyPatch) -> bool:
+    """This CPU as one with native bf16, so the computation runs (natively or emulated by oneDNN); whether TensorFlow
+    can run bf16 here at all (its oneDNN kernels are on: not on a CPU without AVX-512)."""
     flags = cpu.cpu_flags() | {"avx512_bf16"}
     monkeypatch.setattr(cpu, "cpu_flags", lambda: flags)
+    return engine_bf16.onednn_enabled()
+
+
+def assert_refused_without_onednn(demo: DemoPrecisions) -> None:
+    """Without TensorFlow's oneDNN kernels the bf16 option would silently run fp32: bf16 is refused, saying so."""
+    with pytest.raises(RunError, match="TensorFlow's oneDNN kernels are off"):
+        GradCAMSession(demo.root, SessionOptions(backend="tf", precision="bf16"))
 
 
 @pytest.fixture
@@ -61,12 +71,16 @@ def test_bf16_on_onnx_runtime_is_refused_pointing_to_tensorflow(demo: DemoPrecis
         GradCAMSession(demo.root, SessionOptions(backend="onnx", precision="bf16"))
 
 
-def test_fast_picks_bf16_on_tensorflow_only_on_a_native_bf16_cpu(demo: DemoPrecisions, bf16_cpu: None) -> None:
-    assert GradCAMSession(demo.root, SessionOptions(backend="tf", precision="fast")).precision == "bf16"
+def test_fast_picks_bf16_on_tensorflow_only_on_a_native_bf16_cpu(demo: DemoPrecisions, bf16_cpu: bool) -> None:
+    fast = GradCAMSession(demo.root, SessionOptions(backend="tf", precision="fast")).precision
+    assert fast == ("bf16" if bf16_cpu else "fp32")  # without oneDNN, TensorFlow could not run bf16
     assert GradCAMSession(demo.root, SessionOptions(backend="tf", precision="auto")).precision == "fp32"
 
 
-def test_tensorflow_bf16_agrees_with_fp32_on_demo_scenes(demo: DemoPrecisions, bf16_cpu: None) -> None:
+def test_tensorflow_bf16_agrees_with_fp32_on_demo_scenes(demo: DemoPrecisions, bf16_cpu: bool) -> None:
+    if not bf16_cpu:
+        assert_refused_without_onednn(demo)
+        return
     images, labels, _ = held_out_scenes()
     fp32 = GradCAMSession(demo.root, SessionOptions(backend="tf", precision="fp32"))
     bf16 = GradCAMSession(demo.root, SessionOptions(backend="tf", precision="bf16"))
@@ -83,20 +97,34 @@ def test_tensorflow_bf16_agrees_with_fp32_on_demo_scenes(demo: DemoPrecisions, b
     np.testing.assert_array_equal(fp32({C.IMAGES: images[:64]})[C.CAM], full[C.CAM][:64])
 
 
-def test_run_backend_tf_precision_bf16_records_it(demo: DemoPrecisions, bf16_cpu: None, tmp_path: Path) -> None:
+def test_run_backend_tf_precision_bf16_records_it(demo: DemoPrecisions, bf16_cpu: bool, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
     from gradcam_engine.cli.main import main
 
     out = tmp_path / "run"
-    assert main(["run", str(demo.root), str(demo.scenes), "--out", str(out), "--backend", "tf",
-                 "--precision", "bf16"]) == 0
+    code = main(["run", str(demo.root), str(demo.scenes), "--out", str(out), "--backend", "tf", "--precision", "bf16"])
+    if not bf16_cpu:
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and "oneDNN kernels are off" in err
+        assert not (out / "results").exists()
+        return
+    assert code == 0
     info = json.loads((out / "run.json").read_text())
     assert info["precision"] == "bf16" and info["fingerprint"]["precision"] == "bf16"
     assert info["counts"]["ok"] == 200
 
 
-def test_export_records_the_bf16_gate_figures(demo: DemoPrecisions) -> None:
-    if not tf_can_run_bf16():
-        pytest.skip("this CPU has neither bf16 units nor AVX-512: the export could not check bf16 here")
+def test_export_records_the_bf16_gate_figures(demo: DemoPrecisions, tmp_path: Path) -> None:
+    from gradcam_engine.export import ExportOptions, export_artifact
+    from gradcam_engine.export.errors import ExportError
+    from precision_support import DEMO_MODEL
+
+    if not engine_bf16.onednn_enabled():  # no AVX-512: TensorFlow's oneDNN is off, and export says bf16 cannot be judged
+        with pytest.raises(ExportError, match="bf16 check: TensorFlow's oneDNN kernels are off"):
+            export_artifact(DEMO_MODEL, tmp_path / "a", ExportOptions(precision="fp32,bf16"))
+        assert not (tmp_path / "a").exists()
+        assert C.BF16_GATE_LABEL not in demo.manifest.get("precision_gate", {}).get("results", {})
+        return
     entry = demo.manifest["precision_gate"]["results"][C.BF16_GATE_LABEL]
     assert entry["passed"] and entry["precision"] == "bf16"
     assert entry["figures"]["cam_corr_mean"] >= 0.999 and entry["figures"]["images"] == 50
@@ -109,12 +137,12 @@ def test_bf16_check_refuses_when_tensorflow_stays_fp32(monkeypatch: pytest.Monke
     fp32's: simulated by making the switch a no-op."""
     from contextlib import nullcontext
 
-    from gradcam_engine.engine import bf16
     from gradcam_engine.export import ExportOptions, export_artifact
     from gradcam_engine.export.errors import ExportError
     from precision_support import DEMO_MODEL
 
-    monkeypatch.setattr(bf16, "tf_bfloat16", lambda tf: nullcontext())
+    monkeypatch.setattr(engine_bf16, "tf_bfloat16", lambda tf: nullcontext())
+    monkeypatch.setattr(engine_bf16, "onednn_enabled", lambda: True)  # also where oneDNN is off (a CPU without AVX-512)
     with pytest.raises(ExportError, match="TensorFlow ran the graph in fp32 on this CPU"):
         export_artifact(DEMO_MODEL, tmp_path / "a", ExportOptions(precision="fp32,bf16"))
     assert not (tmp_path / "a").exists()

@@ -291,6 +291,29 @@ def test_fp16_maps_stay_close_to_fp32(fp16_case: MethodsCase, file: str) -> None
     assert case.manifest["verification"][C.ONNX_FP16_FILE]["cams_max_abs_diff"] <= 0.05
 
 
+def test_the_precision_gate_judges_every_methods_map(fp16_case: MethodsCase) -> None:
+    """Each method's figures in the manifest are its own maps' correlations on the gate's images (Eigen-CAM's only
+    where its direction is defined), recomputed here from the written files."""
+    from gradcam_engine.export.calibration import load_gate_images
+    from gradcam_engine.export.parity import cam_correlations
+
+    images = load_gate_images(None, 0, (32, 32)).held_out  # no --calibrate: the gate's seeded random images
+    full = fp16_case.onnx(images, np.full(len(images), -1, np.int32))
+    half = fp16_case.onnx(images, full[C.TARGET_CLASS], C.ONNX_FP16_FILE)
+    defined = eigen_gap(full[C.FEATURE_MAPS]) >= EIGEN_MIN_GAP
+    assert 0 < defined.sum()
+    figures = fp16_case.manifest["precision_gate"]["results"][C.ONNX_FP16_FILE]["figures"]
+    assert list(figures["methods"]) == list(fp16_case.methods)
+    for i, method in enumerate(fp16_case.methods):
+        judged = defined if method == "eigencam" else np.ones(len(images), bool)
+        corr = cam_correlations(full[C.CAMS][judged, i], half[C.CAMS][judged, i])
+        own = figures["methods"][method]
+        assert own["images"] == judged.sum() and own["skipped"] == len(images) - judged.sum(), method
+        assert own["cam_corr_mean"] == pytest.approx(corr.mean(), abs=1e-6), method
+        assert own["cam_corr_worst"] == pytest.approx(corr.min(), abs=1e-6), method
+    assert figures["methods"][fp16_case.methods[0]]["cam_corr_mean"] == pytest.approx(figures["cam_corr_mean"])
+
+
 # --- the registry -----------------------------------------------------------------------------------------------
 def test_every_registered_method_has_a_numpy_formula_and_a_paper() -> None:
     from gradcam_engine.bench.contenders.reference import METHOD_FORMULAS

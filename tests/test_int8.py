@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from gradcam_engine.demo.scenes import pointing_hits
 from gradcam_engine.engine import contract as C
+from gradcam_engine.engine.cpu import INT8_FEATURES, cpu_features
 from gradcam_engine.export import ExportOptions, export_artifact
 from gradcam_engine.export.errors import ExportError
 from gradcam_engine.export.int8 import split_shared_constants
@@ -35,6 +36,40 @@ def test_int8_needs_the_users_images_to_calibrate(tmp_path: Path) -> None:
             (tmp_path / f"{i}.png").write_bytes(b"")
         export_artifact(DEMO_MODEL, tmp_path / "a", ExportOptions(precision="int8", calibrate=[str(tmp_path)]))
     assert not (tmp_path / "a").exists()
+
+
+def test_too_small_a_calibration_sample_is_refused_up_front_with_its_own_message(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gradcam_engine.cli.main import main
+    from gradcam_engine.demo.scenes import write_scene_files
+
+    write_scene_files(tmp_path / "scenes", 20, 3)  # enough images; too small a sample asked for
+    assert main(["export", str(DEMO_MODEL), "--out", str(tmp_path / "a"), "--precision", "int8", "--calibrate",
+                 str(tmp_path / "scenes"), "--calibration-images", "10"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("gradcam export: error: --calibration-images 10: calibration and the precision gate need a sample "
+                   "of at least 16 images (default 200)")
+    assert not (tmp_path / "a").exists()
+
+
+def test_calibration_and_gate_images_are_decoded_as_gradcam_run_decodes_them(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from gradcam_engine.demo.scenes import write_scene_files
+    from gradcam_engine.engine.decode import decode_image
+    from gradcam_engine.export.calibration import list_calibration, load_gate_images
+
+    write_scene_files(tmp_path / "scenes", 39, 4, size=150)  # JPEGs the model's 96x96 input needs resized
+    gray = tmp_path / "scenes" / "gray.png"                   # and a grayscale PNG of another shape
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (70, 130), dtype=np.uint8)).save(gray)
+    specs = [str(tmp_path / "scenes")]
+    items = list_calibration(specs, 200)  # all 40, in the order calibration takes them
+    assert len(items) == 40 and str(gray) in [item.key for item in items]
+    engine = np.stack([decode_image(Path(item.key).read_bytes(), (96, 96)).pixels for item in items])
+    images = load_gate_images(specs, 200, (96, 96))
+    held = np.arange(40) % 4 == 3
+    np.testing.assert_array_equal(images.held_out, engine[held])
+    np.testing.assert_array_equal(images.calibration, engine[~held])
 
 
 def test_int8_agrees_with_fp32_on_held_out_demo_scenes(demo: DemoPrecisions) -> None:
@@ -96,6 +131,8 @@ def test_gate_figures_are_recorded_and_printed(demo: DemoPrecisions) -> None:
     assert gate["images"]["images"] == 50 and gate["images"]["calibration"] == 150
     entry = gate["results"][C.ONNX_INT8_FILE]
     assert entry["passed"] and entry["limits"]["cam_corr_mean"] == 0.98
+    # ONNX Runtime's int8 kernels differ by CPU (VNNI or not): the figures name the CPU they were judged on
+    assert entry["cpu"] == cpu_features() and set(INT8_FEATURES) <= set(entry["cpu"])
     assert entry["figures"]["cam_corr_mean"] >= 0.98 and entry["figures"]["top1_agreement"] >= 0.98
     assert demo.manifest["precision"][C.ONNX_INT8_FILE] == "int8"
     assert "precision gate vs fp32 on 50 held-out calibration images" in demo.printed

@@ -14,8 +14,8 @@ import pytest
 
 from gradcam_engine.engine import contract as C
 from gradcam_engine.export import ExportOptions, export_artifact
-from gradcam_engine.export.errors import ExportError
-from gradcam_engine.export.gate import judge
+from gradcam_engine.export.errors import PrecisionGateError
+from gradcam_engine.export.gate import judge, likely_cause
 from gradcam_engine.export.parity import precision_figures
 from precision_support import pearson, run_onnx
 
@@ -53,6 +53,36 @@ def test_top1_changes_on_near_ties_are_counted_apart_and_decisive_ones_fail() ->
     assert judge("fp16", figures).failed == ["top1_agreement_beyond_ties"]
 
 
+def test_every_methods_map_is_judged_and_eigencam_only_where_its_direction_is_defined() -> None:
+    from gradcam_engine.export.gate import refusal
+
+    n, methods = 40, ("gradcam", "gradcampp", "eigencam")
+    rng = np.random.default_rng(2)
+    cams = rng.uniform(0, 1, (n, 3, 4, 4))
+    # 2x2 feature maps, 2 channels: rank one on even images (eigen-gap 1), two equal directions on odd ones (gap 0)
+    defined = np.arange(n) % 2 == 0
+    cells = np.zeros((n, 4, 2))
+    cells[:, :, 0] = [1, -1, 0, 0]
+    cells[defined, :, 1] = [2, -2, 0, 0]
+    cells[~defined, :, 1] = [0, 0, 1, -1]
+    reference = {**_outputs([[0.9, 0.1]] * n, cams[:, 0]), C.CAMS: cams.astype(np.float32),
+                 C.FEATURE_MAPS: cells.reshape(n, 2, 2, 2)}
+    moved = cams.copy()
+    moved[~defined, 2] = rng.uniform(0, 1, (n // 2, 4, 4))  # Eigen-CAM differs only where any direction is right
+    figures = precision_figures(reference, {**reference, C.CAMS: moved.astype(np.float32)}, methods)
+    assert list(figures["methods"]) == list(methods)
+    eigen = figures["methods"]["eigencam"]
+    assert eigen["images"] == 20 and eigen["skipped"] == 20 and eigen["cam_corr_worst"] == pytest.approx(1.0)
+    assert judge("fp16", figures).passed
+
+    moved[:, 1] = rng.uniform(0, 1, (n, 4, 4))  # Grad-CAM++'s maps move; `cam` (the first method's) does not
+    verdict = judge("fp16", precision_figures(reference, {**reference, C.CAMS: moved.astype(np.float32)}, methods))
+    assert verdict.failed == ["cam_corr_mean[gradcampp]", "cam_corr_worst[gradcampp]"]
+    assert verdict.figures["cam_corr_mean"] == pytest.approx(1.0)
+    assert "the gradcampp map moves more under fp16 rounding than the first method's" in likely_cause(verdict)
+    assert "cam_corr_mean[gradcampp] 0." in refusal(C.ONNX_FP16_FILE, verdict)
+
+
 def _underflowing_cnn() -> Any:
     """A small CNN whose BatchNorm divides by 1e10 (as never-calibrated statistics do in a deep net, compounded):
     its activations are ~1e-10, below fp16's range, while fp32 computes them and real CAMs from them."""
@@ -72,23 +102,67 @@ def _underflowing_cnn() -> Any:
     return model
 
 
-def test_an_underflowing_model_is_refused_with_the_cause_and_kept_only_on_request(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from gradcam_engine.cli.main import main
-    from gradcam_engine.engine.session import GradCAMSession, SessionOptions, gate_passed
+def test_an_underflowing_model_is_refused_with_the_cause_and_the_fp32_artifact_still_written(tmp_path: Path) -> None:
+    from gradcam_engine.engine.errors import RunError
+    from gradcam_engine.engine.session import GradCAMSession, SessionOptions
 
-    model = _underflowing_cnn()
-    with pytest.raises(ExportError) as refused:
-        export_artifact(model, tmp_path / "a", ExportOptions(layer="last_conv", precision="fp16"))
+    root = tmp_path / "a"
+    with pytest.raises(PrecisionGateError) as refused:
+        export_artifact(_underflowing_cnn(), root, ExportOptions(layer="last_conv", precision="fp16"))
     message = str(refused.value)
     assert "\n" not in message
     assert "model_fp16.onnx misses the precision gate: cam_corr_mean 0.0000 < 0.999" in message
     assert re.search(r"feature maps peak at \d\.\de-(08|09|10|11), below fp16's smallest normal 6\.1e-05", message)
-    assert "calibrate the BatchNorm statistics or export fp32" in message and "--keep-failing" in message
-    assert not (tmp_path / "a").exists()
+    assert "calibrate the BatchNorm statistics or export fp32" in message
+    assert f"{root} is written without it and runs as is (fp32); pass --keep-failing to write it anyway" in message
+    # the fp32 export is not thrown away: written with its manifest, the refused file's verdict in it, and it runs
+    assert refused.value.root == root and refused.value.refused == [C.ONNX_FP16_FILE]
+    assert (root / C.ONNX_FILE).exists() and (root / C.SAVED_MODEL_DIR).is_dir()
+    assert not (root / C.ONNX_FP16_FILE).exists() and not (root / C.SAVED_MODEL_FP16_DIR).exists()
+    manifest = json.loads((root / C.MANIFEST).read_text())
+    assert manifest == refused.value.manifest and set(manifest["precision"]) == {C.ONNX_FILE, C.SAVED_MODEL_DIR}
+    gate = manifest["precision_gate"]
+    assert gate["refused"] == [C.ONNX_FP16_FILE]
+    entry = gate["results"][C.ONNX_FP16_FILE]
+    assert not entry["passed"] and "kept_although_failed" not in entry and entry["failed"][:1] == ["cam_corr_mean"]
+    assert manifest["verification"][C.SAVED_MODEL_FP16_DIR].startswith("skipped: the fp16 ONNX misses the precision")
+    images = np.random.default_rng(5).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    session = GradCAMSession(root)  # the manifest's checksums hold
+    assert session.precision == "fp32"
+    np.testing.assert_array_equal(session({C.IMAGES: images})[C.CAM], run_onnx(root / C.ONNX_FILE, images)[C.CAM])
+    with pytest.raises(RunError, match="the artifact has no fp16 file"):
+        GradCAMSession(root, SessionOptions(precision="fp16"))
 
-    model.save(tmp_path / "underflowing.keras")
-    assert main(["export", str(tmp_path / "underflowing.keras"), "--out", str(tmp_path / "kept"), "--layer",
+
+@pytest.fixture(scope="module")
+def underflowing_keras(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("underflowing") / "underflowing.keras"
+    _underflowing_cnn().save(path)
+    return path
+
+
+def test_export_command_writes_fp32_prints_the_refusal_and_exits_2(
+        underflowing_keras: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gradcam_engine.cli.main import main
+
+    out = tmp_path / "cli"
+    assert main(["export", str(underflowing_keras), "--out", str(out), "--layer", "last_conv",
+                 "--precision", "fp16"]) == 2
+    printed = capsys.readouterr()
+    err = printed.err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("gradcam export: error: model_fp16.onnx misses the precision")
+    assert f"{out} is written without it and runs as is (fp32)" in err
+    assert "model_fp16.onnx: top-1 agreement" in printed.out and "FAILED cam_corr_mean" in printed.out
+    assert "not written" in printed.out  # what was written, with the gate's figures, is printed first
+    assert (out / C.ONNX_FILE).exists() and not (out / C.ONNX_FP16_FILE).exists()
+
+
+def test_an_underflowing_model_is_kept_only_on_request(underflowing_keras: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from gradcam_engine.cli.main import main
+    from gradcam_engine.engine.session import GradCAMSession, SessionOptions, gate_passed
+
+    assert main(["export", str(underflowing_keras), "--out", str(tmp_path / "kept"), "--layer",
                  "last_conv", "--precision", "fp16", "--keep-failing"]) == 0
     printed = capsys.readouterr().out  # the figures are printed either way, with the outcome
     assert "model_fp16.onnx: top-1 agreement" in printed and "FAILED cam_corr_mean" in printed
@@ -96,6 +170,7 @@ def test_an_underflowing_model_is_refused_with_the_cause_and_kept_only_on_reques
     manifest = json.loads((tmp_path / "kept" / C.MANIFEST).read_text())
     entry = manifest["precision_gate"]["results"][C.ONNX_FP16_FILE]
     assert not entry["passed"] and entry["kept_although_failed"] and entry["failed"][:1] == ["cam_corr_mean"]
+    assert "refused" not in manifest["precision_gate"]
     assert entry["figures"]["feature_maps_peak"] < 6e-8 and entry["figures"]["cams_lost"] == 32
     assert manifest["precision_gate"]["images"]["kind"] == "random"
     images = np.random.default_rng(5).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
@@ -134,6 +209,33 @@ def mobilenet(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     manifest = export_artifact(_mobilenet_v2(calibrate_batchnorm=True), tmp / "artifact",
                                ExportOptions(preprocessing="tf", precision="both", calibrate=[str(tmp / "scenes")]))
     return {"root": tmp / "artifact", "manifest": manifest}
+
+
+@pytest.fixture(scope="module")
+def default_batchnorm_mobilenet(tmp_path_factory: pytest.TempPathFactory) -> PrecisionGateError:
+    """The same MobileNetV2 with Keras' default BatchNorm statistics, exported with fp16 (judged on random images)."""
+    root = tmp_path_factory.mktemp("mobilenet_default_bn") / "artifact"
+    with pytest.raises(PrecisionGateError) as refused:
+        export_artifact(_mobilenet_v2(calibrate_batchnorm=False), root, ExportOptions(preprocessing="tf",
+                                                                                       precision="fp16"))
+    return refused.value
+
+
+def test_mobilenet_v2_with_default_batchnorm_is_refused_fp16_for_underflow(
+        default_batchnorm_mobilenet: PrecisionGateError) -> None:
+    refused = default_batchnorm_mobilenet
+    message = str(refused)
+    assert "\n" not in message and message.startswith("model_fp16.onnx misses the precision gate: cam_corr_mean ")
+    assert re.search(r"feature maps peak at \d\.\de-\d\d, below fp16's smallest normal 6\.1e-05: the model's "
+                     r"activations underflow in half precision", message)
+    entry = refused.manifest["precision_gate"]["results"][C.ONNX_FP16_FILE]
+    assert entry["fp32_front"] == {**entry["fp32_front"], "convolutions": 26, "of": 52}  # every front was tried
+    assert 0 < entry["figures"]["feature_maps_peak"] < 6.1e-5
+    # fp32 computes real, varied heatmaps from those tiny activations: the refusal is fp16's, not the model's
+    images = np.random.default_rng(6).integers(0, 256, (8, 96, 96, 3), dtype=np.uint8)
+    full = run_onnx(refused.root / C.ONNX_FILE, images)
+    assert (full[C.CAM].reshape(8, -1).max(-1) == 1.0).all() and full[C.CAM].std() > 0.05
+    assert not (refused.root / C.ONNX_FP16_FILE).exists()
 
 
 def test_mobilenet_v2_with_calibrated_batchnorm_exports_fp16_with_its_front_in_fp32(mobilenet: dict[str, Any]) -> None:
