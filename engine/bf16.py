@@ -10,6 +10,7 @@ TensorFlow-backend precision only.
 """
 from __future__ import annotations
 
+import os
 import threading
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Iterator
@@ -33,13 +34,21 @@ def onednn_off() -> str:
     """Why oneDNN bf16 cannot run in this process ("" when it can)."""
     if onednn_enabled():
         return ""
-    return "TensorFlow's oneDNN kernels are off (TF_ENABLE_ONEDNN_OPTS=0), so it would run fp32"
+    if _onednn_opted_out():
+        return "TensorFlow's oneDNN kernels are off (TF_ENABLE_ONEDNN_OPTS=0), so it would run fp32"
+    return ("TensorFlow's oneDNN kernels are off on this CPU (TensorFlow turns them off without AVX-512), "
+            "so it would run fp32")
+
+
+def _onednn_opted_out() -> bool:
+    return os.environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip().lower() in ("0", "false")
 
 
 def require_onednn() -> None:
     """Refuse bf16 when TensorFlow's oneDNN kernels are off: the option would silently do nothing."""
     if not onednn_enabled():
-        raise RunError(f"--precision bf16: {onednn_off()}; unset TF_ENABLE_ONEDNN_OPTS")
+        fix = "unset TF_ENABLE_ONEDNN_OPTS" if _onednn_opted_out() else "run fp32, or bf16 on a CPU with avx512_bf16 or AMX"
+        raise RunError(f"--precision bf16: {onednn_off()}; {fix}")
 
 
 def bf16_unavailable() -> str:

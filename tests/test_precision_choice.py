@@ -189,10 +189,14 @@ def test_fp32_calls_never_run_under_a_concurrent_bf16_call(demo: DemoPrecisions,
 def test_bf16_is_refused_when_tensorflow_onednn_is_off(small: SmallArtifact, bf16_cpu: None,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bf16, "onednn_enabled", lambda: False)
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
     with pytest.raises(RunError, match=r"oneDNN kernels are off \(TF_ENABLE_ONEDNN_OPTS=0\).*unset TF_ENABLE"):
         GradCAMSession(small.root, SessionOptions(backend="tf", precision="bf16"))
     fast = GradCAMSession(small.root, SessionOptions(backend="tf", precision="fast"))
     assert fast.precision == "fp32" and "TF_ENABLE_ONEDNN_OPTS=0" in fast.precision_note
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS")  # off by TensorFlow's own choice (a CPU without AVX-512)
+    with pytest.raises(RunError, match=r"oneDNN kernels are off on this CPU .*; run fp32, or bf16 on a CPU with"):
+        GradCAMSession(small.root, SessionOptions(backend="tf", precision="bf16"))
 
 
 def test_bf16_on_a_cuda_device_is_refused_pointing_to_fp16(small: SmallArtifact, tmp_path: Path, scenes: Path,
@@ -236,6 +240,7 @@ def test_the_bench_skips_bf16_with_its_reason_where_it_cannot_run(small: SmallAr
         flags = cpu.cpu_flags() | {"avx512_bf16"}
         monkeypatch.setattr(cpu, "cpu_flags", lambda: flags)
         monkeypatch.setattr(bf16, "onednn_enabled", lambda: False)
+        monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
         reason = "TF_ENABLE_ONEDNN_OPTS=0"
     config = preset(quick=True, model=str(small.root), backends=("tf", "e2e"), precisions=("fp32", "bf16"),
                     device="cpu", work_dir=str(tmp_path))
