@@ -139,8 +139,13 @@ def test_gate_figures_are_recorded_and_printed(demo: DemoPrecisions) -> None:
     assert f"{C.ONNX_INT8_FILE}: top-1 agreement" in demo.printed and ": passed" in demo.printed
 
 
-def test_export_int8_then_run_int8_from_the_command_line(demo: DemoPrecisions, tmp_path: Path) -> None:
+def test_export_int8_then_run_int8_from_the_command_line(demo: DemoPrecisions, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from gradcam_engine.cli.main import main
+    from gradcam_engine.engine import cpu
+
+    flags = cpu.cpu_flags() | {"avx512_vnni"}  # `fast` picks int8 only on a CPU with int8 dot products: be one
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: flags)
     from gradcam_engine.engine.decode import decode_image
     from gradcam_engine.engine.session import GradCAMSession, SessionOptions
 
