@@ -170,9 +170,9 @@ def eigencam(A: Any, G: Any) -> Any:
     ONNX has no SVD. The projection X v1 (= s1 u1) comes from the leading eigenvector of the smaller Gram matrix:
     K = X X^T (hw x hw, 49 x 49 for ResNet50) gives u1; X^T X (C x C, when there are fewer channels than cells)
     gives v1. Both found as K^256 applied to K's largest column, by 8 squarings up to m = 256, by 255 power steps
-    beyond: the error shrinks as (l2/l1)^256, below 1e-5 where the top two eigenvalues differ by 5% or more (closer,
-    the direction itself is ill-defined); the normalisation removes the scale. A constant feature map (K = 0) gives an
-    all-zero map.
+    beyond: the error shrinks as (l2/l1)^256, under 1e-4 on the map where the top two eigenvalues differ by 5% or
+    more (closer, the direction itself is ill-defined); the normalisation removes the scale. A constant feature map
+    (K = 0) gives an all-zero map.
     """
     h, w, c = _grid(A)
     x = tf.reshape(A, [-1, h * w, c])                                              # (N, hw, C)
