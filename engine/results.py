@@ -30,6 +30,7 @@ RESULTS_DIR = "results"
 SHARD_PREFIX, SHARD_SUFFIX = "part-", ".parquet"
 BASE_KEY = b"gradcam.base"  # Parquet key-value metadata: the directory relative paths in this shard start from
 RUN_KEY = b"gradcam.run"  # and the digest of the run's fingerprint (engine.rundir): only its own run adopts a stray
+METHODS_KEY = b"gradcam.methods"  # and the artifact's CAM methods, comma-separated: `cam` holds the first one's map
 
 SCHEMA = pa.schema([
     ("path", pa.string()),
@@ -56,11 +57,12 @@ def method_columns(methods: Sequence[str]) -> list[str]:
 
 
 def results_schema(methods: Sequence[str] = ()) -> pa.Schema:
-    """The results' schema for an artifact with these CAM methods: SCHEMA, then the method columns."""
+    """The results' schema for an artifact with these CAM methods: SCHEMA, then the method columns; the methods are
+    named in its metadata too, so a shard says which map `cam` holds even when it is the only one."""
     schema = SCHEMA
     for name in method_columns(methods):
         schema = schema.append(pa.field(name, pa.list_(pa.float32())))  # row-major [cam_height, cam_width]
-    return schema
+    return schema.with_metadata({METHODS_KEY: ",".join(methods).encode()}) if methods else schema
 
 
 # Columns with few distinct values. Dictionary-encoding the others (unique paths, float scores and CAM values) saves
@@ -215,7 +217,8 @@ def stage_shard(staging_dir: Path, table: pa.Table, name: str, base: str, run: s
     staging_dir.mkdir(parents=True, exist_ok=True)
     tmp = staging_dir / f"{name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        table = table.replace_schema_metadata({BASE_KEY: path_text(base).encode(), RUN_KEY: run.encode()})
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), BASE_KEY: path_text(base).encode(),
+                                               RUN_KEY: run.encode()})
         pq.write_table(table, tmp, compression="zstd", use_dictionary=DICTIONARY_COLUMNS, write_page_checksum=True)
         fsync_path(tmp)
         back = pq.read_table(tmp, page_checksum_verification=True)

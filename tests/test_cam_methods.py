@@ -1,24 +1,24 @@
 """Every CAM method of the fused graph against its formula, computed in numpy from the per-image GradientTape feature
 maps and gradients of the reference (bench/contenders/reference.py): ONNX Runtime and the SavedModel, batches of 5
 and of 1, mixed targets (explicit non-top-1 classes), on a head whose gradients vary over the grid (Flatten -> Dense
-(relu) -> Dense) and on a GAP head; max abs diff <= 1e-4, Eigen-CAM <= 1e-3. Also the graph's contract for methods
-(`cam` = the first, `cams` [N, M, h, w], the manifest's `methods`), the default export unchanged, fp16, and the
-registry's refusals.
+(relu) -> Dense) and on two GAP heads, one with more channels than grid cells; max abs diff <= 1e-4, Eigen-CAM
+<= 1e-3. Also the graph's contract for methods (`cam` = the first, `cams` [N, M, h, w], the manifest's `methods`),
+the default export unchanged, fp16, and the registry's refusals.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import re
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
-from gradcam_engine.bench.measure.images import scene_images
+from gradcam_engine.bench.tools.methods_parity import SMALL_MODELS, MethodsCase, build_case, method_diffs
 from gradcam_engine.engine import contract as C
 from gradcam_engine.export.methods import eigen_plan, method_names
 from gradcam_engine.export.parity import EIGEN_MIN_GAP, eigen_gap
+from engine_support import lively
 
 BATCH = 5
 EXPLICIT = (1, 3)                  # slots that ask for a class other than the model's top-1
@@ -28,124 +28,40 @@ DEFAULT_TOLERANCE = 1e-4
 SHUFFLED = tuple(reversed(method_names()))
 
 
-@dataclass
-class MethodsCase:
-    """A small model exported with every method, and what the formulas say its maps must be."""
-
-    name: str
-    root: Path
-    manifest: dict[str, Any]
-    methods: tuple[str, ...]
-    images: np.ndarray
-    class_index: np.ndarray
-    reference: dict[str, np.ndarray]   # the per-image GradientTape reference (feature maps, gradients, cam, ...)
-    expected: np.ndarray               # [N, M, h, w] from the numpy formulas
-    keras_model: Any = None
-
-    def onnx(self, images: np.ndarray, class_index: np.ndarray, file: str = C.ONNX_FILE) -> dict[str, np.ndarray]:
-        import onnxruntime as ort
-
-        session = ort.InferenceSession(str(self.root / file), providers=["CPUExecutionProvider"])
-        names = [o.name for o in session.get_outputs()]
-        return dict(zip(names, session.run(names, {C.IMAGES: images, C.CLASS_INDEX: class_index})))
-
-    def saved_model(self, images: np.ndarray, class_index: np.ndarray,
-                    folder: str = C.SAVED_MODEL_DIR) -> dict[str, np.ndarray]:
-        import tensorflow as tf
-
-        signature = tf.saved_model.load(str(self.root / folder)).signatures[C.SIGNATURE]
-        out = signature(**{C.IMAGES: tf.constant(images), C.CLASS_INDEX: tf.constant(class_index)})
-        return {k: v.numpy() for k, v in out.items()}
-
-
-def _case(name: str, model: Any, target: str, head: Any, size: tuple[int, int], methods: tuple[str, ...],
-          root: Path, seed: int, precision: str = "fp32", keep_failing: bool = False) -> MethodsCase:
-    import keras
-
-    from gradcam_engine.bench.contenders.reference import ReferenceParts, gradcam_reference, reference_maps
-    from gradcam_engine.export import ExportOptions, export_artifact
-
-    manifest = export_artifact(model, root, ExportOptions(layer=target, preprocessing="tf", methods=methods,
-                                                          precision=precision, keep_failing=keep_failing))
-    backbone = keras.Model(model.input, model.get_layer(target).output)
-    parts = ReferenceParts(preprocess=keras.applications.mobilenet_v2.preprocess_input,
-                           backbone=lambda x: backbone(x, training=False), head=head,
-                           predict=lambda x: model(x, training=False))
-    images = scene_images(BATCH, size, seed)
-    top1 = gradcam_reference(images, np.full(BATCH, -1, np.int32), parts)["target_class"]
-    class_index = np.full(BATCH, -1, np.int32)
-    num_classes = int(model.output.shape[-1])
-    for slot in EXPLICIT:
-        class_index[slot] = (top1[slot] + 1) % num_classes
-    reference = gradcam_reference(images, class_index, parts)
-    expected = reference_maps(reference[C.FEATURE_MAPS], reference[C.GRADIENTS], methods)
-    return MethodsCase(name, root, manifest, methods, images, class_index, reference, expected, model)
-
-
-def _flatten_model() -> tuple[Any, Any]:
-    """8x8x12 target grid, head Flatten -> Dense(16, relu) -> Dense(4, softmax): gradients vary over the grid."""
-    import keras
-    import tensorflow as tf
-
-    keras.utils.set_random_seed(121)
-    inputs = keras.Input((32, 32, 3))
-    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv1")(inputs)
-    x = keras.layers.MaxPooling2D(name="pool1")(x)
-    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="conv2")(x)
-    x = keras.layers.MaxPooling2D(name="pool2")(x)
-    x = keras.layers.Conv2D(12, 3, padding="same", activation="relu", name="target")(x)
-    flatten, hidden = keras.layers.Flatten(name="flatten"), keras.layers.Dense(16, activation="relu", name="hidden")
-    classes = keras.layers.Dense(4, activation="softmax", name="classes")
-    model = keras.Model(inputs, classes(hidden(flatten(x))), name="flatten_head")
-    return model, lambda fm: tf.matmul(hidden(flatten(fm)), classes.kernel) + classes.bias  # the pre-softmax logit
-
-
-def _gap_model() -> tuple[Any, Any]:
-    """20x20x10 target grid (larger than Eigen-CAM's squaring limit), head GAP -> Dense(3) logits."""
-    import keras
-
-    keras.utils.set_random_seed(122)
-    inputs = keras.Input((40, 40, 3))
-    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="conv1")(inputs)
-    x = keras.layers.Conv2D(10, 3, padding="same", activation="relu", name="target")(x)
-    gap, dense = keras.layers.GlobalAveragePooling2D(name="gap"), keras.layers.Dense(3, name="logits")
-    model = keras.Model(inputs, dense(gap(x)), name="gap_head")
-    return model, lambda fm: dense(gap(fm))
-
-
 @pytest.fixture(scope="module")
 def flatten_case(tmp_path_factory: pytest.TempPathFactory) -> MethodsCase:
-    model, head = _flatten_model()
-    return _case("flatten", model, "target", head, (32, 32), method_names(),
-                 tmp_path_factory.mktemp("methods") / "flatten", seed=31)
+    return build_case("flatten", tmp_path_factory.mktemp("methods") / "flatten", method_names(), BATCH, EXPLICIT)
 
 
 @pytest.fixture(scope="module")
 def gap_case(tmp_path_factory: pytest.TempPathFactory) -> MethodsCase:
-    model, head = _gap_model()
-    return _case("gap", model, "target", head, (40, 40), SHUFFLED, tmp_path_factory.mktemp("methods") / "gap",
-                 seed=32)
+    return build_case("gap", tmp_path_factory.mktemp("methods") / "gap", SHUFFLED, BATCH, EXPLICIT)
 
 
-@pytest.fixture(params=["flatten_case", "gap_case"], ids=["flatten_dense_head", "gap_head"])
+@pytest.fixture(scope="module")
+def cells_case(tmp_path_factory: pytest.TempPathFactory) -> MethodsCase:
+    """More channels than grid cells, as ResNet50's 7x7x2048: Eigen-CAM's Gram matrix on the cells side."""
+    return build_case("cells", tmp_path_factory.mktemp("methods") / "cells", method_names(), BATCH, EXPLICIT)
+
+
+@pytest.fixture(params=["flatten_case", "gap_case", "cells_case"],
+                ids=["flatten_dense_head", "gap_head", "more_channels_than_cells"])
 def case(request: pytest.FixtureRequest) -> MethodsCase:
     return request.getfixturevalue(request.param)
 
 
 def assert_maps_match_formulas(cams: np.ndarray, expected: np.ndarray, methods: tuple[str, ...], what: str) -> None:
     assert cams.shape == expected.shape and cams.dtype == np.float32
-    for i, method in enumerate(methods):
-        diff = float(np.abs(cams[:, i].astype(np.float64) - expected[:, i]).max())
+    for method, diff in zip(methods, method_diffs(cams, expected)):
         assert diff <= TOLERANCE.get(method, DEFAULT_TOLERANCE), f"{what}: {method} max abs diff {diff:.2e}"
 
 
 # --- the test data is worth checking first: parity on flat or ill-defined maps would prove little --------------
 def test_every_reference_map_is_non_zero_with_spatial_variation(case: MethodsCase) -> None:
     for i, method in enumerate(case.methods):
-        maps = case.expected[:, i]
-        lively = [bool(m.max() == 1.0 and m.std() > 1e-2 and m.min() < 0.9) for m in maps]
-        assert sum(lively) >= BATCH - 1, f"{case.name} {method}: flat reference maps {lively}"
-        assert any(lively[slot] for slot in EXPLICIT), f"{case.name} {method}: explicit classes give flat maps"
+        alive = lively(case.expected[:, i])
+        assert alive.sum() >= BATCH - 1, f"{case.name} {method}: flat reference maps {alive}"
+        assert alive[list(EXPLICIT)].any(), f"{case.name} {method}: explicit classes give flat maps"
 
 
 def test_explicit_targets_are_not_the_top1_class(case: MethodsCase) -> None:
@@ -155,11 +71,14 @@ def test_explicit_targets_are_not_the_top1_class(case: MethodsCase) -> None:
     assert (case.reference[C.TARGET_CLASS][explicit] != top1[explicit]).all()
 
 
-def test_the_methods_give_different_maps_where_their_formulas_differ(case: MethodsCase) -> None:
+@pytest.mark.parametrize("name", ["flatten_case", "gap_case"])
+def test_the_methods_give_different_maps_where_their_formulas_differ(name: str,
+                                                                     request: pytest.FixtureRequest) -> None:
+    case = request.getfixturevalue(name)
     by = dict(zip(case.methods, np.moveaxis(case.expected, 1, 0)))
     # With GAP the gradient is constant over the grid, so HiResCAM and XGrad-CAM reduce to Grad-CAM (their papers
     # say so); the Flatten head's gradients vary over the grid and tell every method apart.
-    same_as_gradcam = {"hirescam", "xgradcam"} if case.name == "gap" else set()
+    same_as_gradcam = {"hirescam", "xgradcam"} if SMALL_MODELS[case.name].gap_head else set()
     for a in case.methods:
         for b in case.methods[case.methods.index(a) + 1:]:
             alike = {a, b} <= same_as_gradcam | {"gradcam"}
@@ -256,12 +175,11 @@ def test_default_cam_is_bit_for_bit_the_gradcam_of_a_many_method_graph(default_e
 # --- fp16 -----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def fp16_case(tmp_path_factory: pytest.TempPathFactory) -> MethodsCase:
-    model, head = _flatten_model()
     # The precision gate judges on uniform noise (no --calibrate here) and refuses this random-weight model's
     # all-fp16 SavedModel there (one noise image's CAM correlates at 0.85); these tests judge every method on scenes,
     # so both files are kept. The gate's refusals have tests of their own (test_precision_gate.py).
-    return _case("fp16", model, "target", head, (32, 32), method_names(), tmp_path_factory.mktemp("methods") / "h",
-                 seed=31, precision="both", keep_failing=True)
+    return build_case("flatten", tmp_path_factory.mktemp("methods") / "h", method_names(), BATCH, EXPLICIT,
+                      precision="both", keep_failing=True)
 
 
 def test_fp16_onnx_computes_every_method_in_float32(fp16_case: MethodsCase) -> None:
@@ -322,12 +240,11 @@ def test_every_registered_method_has_a_numpy_formula_and_a_paper() -> None:
     assert method_names()[0] == C.DEFAULT_METHOD
     assert set(method_names()) == set(METHOD_FORMULAS)
     for name in method_names():
-        assert any(year in summary(name) for year in ("2017", "2018", "2020", "2021")), summary(name)
+        assert re.search(r"\b(19|20)\d\d\b", summary(name)), summary(name)  # the paper's year
 
 
 @pytest.mark.parametrize(("methods", "message"), [
-    (("gradcam", "scorecam"), "unknown CAM method 'scorecam'; known methods: gradcam, gradcampp, xgradcam, "
-                              "hirescam, layercam, eigencam"),
+    (("gradcam", "scorecam"), "unknown CAM method 'scorecam'; known methods: " + ", ".join(method_names())),
     (("layercam", "gradcam", "layercam"), "CAM method 'layercam' given more than once"),
     ((), "no CAM method given"),
 ])
@@ -412,13 +329,34 @@ def test_parity_check_flags_any_methods_map_but_eigencam_only_where_its_directio
     assert "cams_max_abs_diff" in failures(compare(base, {**base, C.CAMS: gradient}, methods), "fp32")
 
 
-@pytest.mark.parametrize(("h", "w", "c", "plan"), [
-    (7, 7, 64, ("cells", 8, 0)),       # fewer cells than channels, as in ResNet50 (7 x 7 x 2048)
-    (12, 12, 16, ("channels", 8, 0)),  # fewer channels than cells: the C x C matrix
-    (17, 17, 300, ("cells", 0, 64)),   # both sides large: power steps instead of squarings
+def _activations(h: int, w: int, c: int, gap: float | None, seed: int) -> np.ndarray:
+    """Three images' feature maps [3, h, w, C]: with gap None, a few strong directions plus noise (wide gaps); else
+    built from their spectrum, the top two eigenvalues of the centred Gram matrix (1 - gap) apart."""
+    rng = np.random.default_rng(seed)
+    if gap is None:
+        modes = rng.normal(size=(3, 3, h * w, 1)) * rng.normal(size=(3, 3, 1, c))
+        return np.maximum((modes * np.array([4.0, 2.0, 1.0])[None, :, None, None]).sum(1)
+                          + rng.normal(size=(3, h * w, c)), 0).reshape(3, h, w, c).astype(np.float32)
+    k = min(h * w - 1, c)
+    eigenvalues = np.concatenate([[1.0, 1.0 - gap], 0.8 * (1.0 - gap) * np.exp(-np.arange(k - 2) / 20)])
+    maps = []
+    for _ in range(3):
+        u = rng.normal(size=(h * w, k))
+        u = np.linalg.qr(u - u.mean(axis=0))[0]                     # orthonormal, each column centred over the grid
+        v = np.linalg.qr(rng.normal(size=(c, k)))[0]
+        maps.append((u * np.sqrt(eigenvalues)) @ v.T + rng.uniform(1, 2, c))  # + a constant per channel
+    return np.stack(maps).reshape(3, h, w, c).astype(np.float32)
+
+
+@pytest.mark.parametrize(("h", "w", "c", "side", "squares", "gap"), [
+    (7, 7, 64, "cells", True, None),       # fewer cells than channels, as in ResNet50 (7 x 7 x 2048)
+    (12, 12, 16, "channels", True, None),  # fewer channels than cells: the C x C matrix
+    (17, 17, 300, "cells", False, None),   # both sides large: power steps instead of squarings
+    (7, 7, 64, "cells", True, 0.06),       # the top two eigenvalues 6% apart: converged on every path
+    (17, 17, 300, "cells", False, 0.06),
 ])
-def test_eigencam_matches_svd_on_every_path_in_tensorflow_and_onnx(h: int, w: int, c: int,
-                                                                   plan: tuple[str, int, int]) -> None:
+def test_eigencam_matches_svd_on_every_path_in_tensorflow_and_onnx(h: int, w: int, c: int, side: str, squares: bool,
+                                                                   gap: float | None) -> None:
     import onnxruntime as ort
     import tensorflow as tf
     import tf2onnx
@@ -426,12 +364,11 @@ def test_eigencam_matches_svd_on_every_path_in_tensorflow_and_onnx(h: int, w: in
     from gradcam_engine.bench.contenders.reference import reference_maps
     from gradcam_engine.export.methods import cam_maps
 
-    assert eigen_plan(h * w, c) == plan
-    rng = np.random.default_rng(h * c)
-    modes = rng.normal(size=(3, 3, h * w, 1)) * rng.normal(size=(3, 3, 1, c))  # a few strong directions, then noise
-    A = np.maximum((modes * np.array([4.0, 2.0, 1.0])[None, :, None, None]).sum(1)
-                   + rng.normal(size=(3, h * w, c)), 0).reshape(3, h, w, c).astype(np.float32)
-    assert eigen_gap(A).min() >= EIGEN_MIN_GAP
+    plan = eigen_plan(h * w, c)
+    assert plan[0] == side and (plan[1] > 0) == squares
+    A = _activations(h, w, c, gap, seed=h * c)
+    gaps = eigen_gap(A)
+    assert gaps.min() >= EIGEN_MIN_GAP and (gap is None or gaps.max() < 0.1), gaps
     expected = reference_maps(A, np.zeros_like(A), ["eigencam"])[:, 0]
 
     fn = tf.function(lambda a: {"eigen": cam_maps(a, tf.zeros_like(a), ["eigencam"])[0]},
@@ -443,3 +380,26 @@ def test_eigencam_matches_svd_on_every_path_in_tensorflow_and_onnx(h: int, w: in
         (got,) = session.run(None, {"a": A[:n]})
         np.testing.assert_allclose(got, expected[:n], atol=1e-3)
     assert (expected.max(axis=(1, 2)) == 1.0).all() and expected.std(axis=(1, 2)).min() > 0.05
+
+
+def test_the_exported_cases_take_both_sides_of_eigencams_gram_matrix(flatten_case: MethodsCase,
+                                                                     gap_case: MethodsCase,
+                                                                     cells_case: MethodsCase) -> None:
+    sides = {}
+    for case in (flatten_case, gap_case, cells_case):
+        _, h, w, c = case.reference[C.FEATURE_MAPS].shape
+        sides[case.name] = eigen_plan(h * w, c)[0]
+    assert sides == {"flatten": "channels", "gap": "channels", "cells": "cells"}
+
+
+def test_the_parity_tool_reports_each_methods_figure_per_runtime_and_batch_size(cells_case: MethodsCase) -> None:
+    from gradcam_engine.bench.tools.methods_parity import parity_figures, table
+
+    figures = parity_figures(cells_case, [2, BATCH])
+    assert set(figures) == {"onnx", "saved_model"} and set(figures["onnx"]) == {"2", str(BATCH)}
+    whole = cells_case.onnx(cells_case.images, cells_case.class_index)[C.CAMS]
+    assert list(figures["onnx"][str(BATCH)]) == list(cells_case.methods)
+    assert list(figures["onnx"][str(BATCH)].values()) == pytest.approx(method_diffs(whole, cells_case.expected))
+    worst = table({"models": {"cells": {"figures": figures}}}, cells_case.methods).splitlines()[-1].split()
+    assert worst == ["worst", *(f"{max(b[m] for r in figures.values() for b in r.values()):.1e}"
+                                for m in cells_case.methods)]

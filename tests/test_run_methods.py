@@ -1,6 +1,6 @@
 """A run over an artifact with several CAM methods: one Parquet column per method, equal to the graph's `cams`;
 overlays of the method asked for; both runners; and artifacts with one method, or exported before methods existed,
-give exactly today's columns."""
+give exactly today's columns; every shard names its methods in its metadata."""
 from __future__ import annotations
 
 import json
@@ -19,11 +19,12 @@ from gradcam_engine.engine.artifact import file_table
 from gradcam_engine.engine.decode import decode_image
 from gradcam_engine.engine.local_run import run_gradcam
 from gradcam_engine.engine.overlay import overlay_name, overlays
-from gradcam_engine.engine.results import SCHEMA, results_schema
+from gradcam_engine.engine.results import METHODS_KEY, SCHEMA, results_schema
 from gradcam_engine.engine.run_config import RunConfig
 from gradcam_engine.engine.session import GradCAMSession, SessionOptions
+from gradcam_engine.export.methods import method_names
 
-METHODS = ("layercam", "gradcam", "gradcampp", "xgradcam", "hirescam", "eigencam")  # the first is not Grad-CAM
+METHODS = ("layercam", *(m for m in method_names() if m != "layercam"))  # every method; the first is not Grad-CAM
 SIZES = [(48, 48), (120, 90), (33, 70), (64, 64), (200, 150), (41, 41), (90, 160), (150, 40)]  # (width, height)
 BAD = ["bad_0.jpg", "bad_1.png"]  # listed last: with 2-image batches and 2-row shards, the last shard is errors only
 
@@ -54,6 +55,8 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     export_artifact(model, root / "six", ExportOptions(preprocessing="tf", methods=METHODS,
                                                       class_names=["a", "b", "c"]))
     export_artifact(model, root / "one", ExportOptions(preprocessing="tf", class_names=["a", "b", "c"]))
+    export_artifact(model, root / "layercam", ExportOptions(preprocessing="tf", methods=("layercam",),
+                                                           class_names=["a", "b", "c"]))
     old = root / "old"
     shutil.copytree(root / "one", old, ignore=shutil.ignore_patterns("saved_model"))
     graph = onnx.load(str(old / C.ONNX_FILE))
@@ -65,7 +68,7 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     manifest["precision"] = {C.ONNX_FILE: "fp32"}
     manifest["files"] = file_table(old, [C.ONNX_FILE])
     (old / C.MANIFEST).write_text(json.dumps(manifest))
-    return {"six": root / "six", "one": root / "one", "old": old}
+    return {"six": root / "six", "one": root / "one", "old": old, "layercam": root / "layercam"}
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +97,11 @@ def _rows(run_dir: Path) -> dict[str, dict[str, Any]]:
     return {r["path"]: r for r in ds.dataset(str(run_dir / "results"), format="parquet").to_table().to_pylist()}
 
 
+def shard_methods(shard: Path) -> str:
+    """The CAM methods a shard's Parquet key-value metadata names."""
+    return (pq.read_schema(shard).metadata or {}).get(METHODS_KEY, b"").decode()
+
+
 def _map(row: dict[str, Any], column: str) -> np.ndarray:
     return np.asarray(row[column], np.float32).reshape(row["cam_height"], row["cam_width"])
 
@@ -112,6 +120,7 @@ def test_results_have_cam_and_one_column_per_method_in_the_artifacts_order(six_r
     assert set(pq.read_table(shards[-1], columns=["status"]).column("status").to_pylist()) == {"error"}
     for shard in shards:  # the errors-only shard too
         assert pq.read_schema(shard).equals(results_schema(METHODS)), shard.name
+        assert shard_methods(shard) == ",".join(METHODS), shard.name
 
 
 def test_each_method_column_is_the_graphs_map_for_the_decoded_pixels(artifacts: dict[str, Path], six_run: Path,
@@ -228,6 +237,20 @@ def test_one_method_and_pre_methods_artifacts_give_todays_columns(artifacts: dic
     assert schema.equals(SCHEMA) and schema.names == SCHEMA.names
     rows = [r for r in _rows(run_dir).values() if r["status"] == "ok"]
     assert len(rows) == len(SIZES) and len(list((run_dir / "overlays").glob("*.jpg"))) == len(SIZES)
+    assert {shard_methods(s) for s in (run_dir / "results").glob("part-*.parquet")} == {"gradcam"}
+
+
+def test_a_run_with_one_other_method_names_it_in_every_shard(artifacts: dict[str, Path], inputs: Path,
+                                                              six_run: Path, tmp_path: Path) -> None:
+    """Without `cam_<method>` columns, the shard's metadata is what says that `cam` holds LayerCAM's maps."""
+    run_dir = _run(artifacts["layercam"], inputs, tmp_path / "run")
+    assert ds.dataset(str(run_dir / "results"), format="parquet").schema.names == SCHEMA.names
+    shards = sorted((run_dir / "results").glob("part-*.parquet"))
+    assert len(shards) > 1 and {shard_methods(s) for s in shards} == {"layercam"}
+    six = _rows(six_run)
+    for path, row in _rows(run_dir).items():
+        if row["status"] == "ok":
+            np.testing.assert_allclose(row["cam"], six[path]["cam_layercam"], atol=1e-5)
 
 
 def test_a_one_method_run_gives_the_same_gradcam_as_the_six_method_run(artifacts: dict[str, Path], inputs: Path,
@@ -251,6 +274,7 @@ def test_the_ray_runner_writes_the_same_method_columns_and_overlays(ray_cluster:
                               session=SessionOptions(threads=1)), RayOptions(concurrency=1))
     schema = ds.dataset(str(out / "results"), format="parquet").schema
     assert schema.equals(results_schema(METHODS))
+    assert {shard_methods(s) for s in (out / "results").glob("part-*.parquet")} == {",".join(METHODS)}
     ray_rows, local_rows = _rows(out), _rows(six_run)
     assert set(ray_rows) == set(local_rows)
     for path, row in ray_rows.items():
