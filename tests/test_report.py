@@ -30,6 +30,7 @@ WIDTH, HEIGHT = 1280, 1600
 class Runs:
     evaluated: Path     # labels, boxes and faithfulness; overlays for the first 3 images; one error row
     plain: Path         # the same inputs, never evaluated, no overlays
+    boxes: Path         # the boxes CSV `evaluated` was evaluated with
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def runs(artifact: SmallArtifact, tmp_path_factory: pytest.TempPathFactory) -> R
                 writer.writerow([path, 5, 5, row["width"] // 2, row["height"] // 2])
     evaluate(EvaluateConfig(str(evaluated), labels_from_folders=True, boxes=str(boxes), session=CPU, steps=2,
                             faithfulness=("drop", "deletion", "insertion"), progress=False))
-    return Runs(evaluated=evaluated, plain=plain)
+    return Runs(evaluated=evaluated, plain=plain, boxes=boxes)
 
 
 def rendered(page: Path) -> tuple[bytes, list[dict], list[str], Chromium]:
@@ -236,14 +237,7 @@ def test_the_report_shows_every_plot_and_the_runs_facts(runs: Runs, tmp_path: Pa
 def test_wide_tables_scroll_in_their_own_box_and_the_page_never_sideways(runs: Runs, tmp_path: Path) -> None:
     """Six CAM methods make the per-class table wider than the page's column at the README screenshot's width."""
     run_dir = with_methods(runs.evaluated, tmp_path / "run", SIX_METHODS)
-    boxes = tmp_path / "boxes.csv"
-    with open(boxes, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["path", "x0", "y0", "x1", "y1"])
-        for path, row in rows_by_path(run_dir).items():
-            if row["status"] == "ok":
-                writer.writerow([path, 5, 5, row["width"] // 2, row["height"] // 2])
-    evaluate(EvaluateConfig(str(run_dir), labels_from_folders=True, boxes=str(boxes), overwrite=True,
+    evaluate(EvaluateConfig(str(run_dir), labels_from_folders=True, boxes=str(runs.boxes), overwrite=True,
                             progress=False))
     page = write_report(run_dir).path
     with Chromium(width=1000, height=1000) as browser:
