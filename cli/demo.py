@@ -33,5 +33,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--faithfulness", default=defaults["faithfulness"], action=argparse.BooleanOptionalAction,
                    help="measure Average Drop and deletion/insertion through the artifact for all six CAM methods: "
                         "2 + 15 per method = 92 forward passes per image (K = 8), about 55x the run's time; "
-                        "`gradcam evaluate --methods gradcam` measures one method (17 passes, about 12x)")
+                        "`gradcam evaluate --methods gradcam` measures one method (17 passes, about 10x)")
     p.set_defaults(handler=_demo)
