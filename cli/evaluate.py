@@ -13,8 +13,9 @@ def config_from(args: argparse.Namespace) -> EvaluateConfig:
     """The EvaluateConfig the flags describe."""
     return EvaluateConfig(
         run_dir=args.run_dir, labels=args.labels, labels_from_folders=args.labels_from_folders, boxes=args.boxes,
-        root=args.root, faithfulness=listed([args.faithfulness]) if args.faithfulness else (), steps=args.steps,
-        baseline=args.baseline, artifact=args.artifact,
+        root=args.root, methods=listed([args.methods]) if args.methods else (),
+        faithfulness=listed([args.faithfulness]) if args.faithfulness else (), steps=args.steps, baseline=args.baseline,
+        artifact=args.artifact,
         session=SessionOptions(backend="onnx", device=args.device, threads=args.threads),
         batch_size=args.batch_size, workers=args.workers, shard_size=args.shard_size, overwrite=args.overwrite)
 
@@ -37,6 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                    "box), or a COCO JSON file")
     p.add_argument("--root", metavar="DIR", help="relative paths in --labels/--boxes start here (default: the "
                                                  "file's own folder)")
+    p.add_argument("--methods", metavar="NAMES",
+                   help="comma-separated CAM methods of the run to evaluate, boxes and faithfulness alike (default: "
+                        "all of them); faithfulness costs 2K - 1 forward passes per image for each")
     p.add_argument("--faithfulness", metavar="KINDS",
                    help=f"comma-separated, any of {','.join(KINDS)}: re-decode each image and perturb it through "
                         "the artifact")

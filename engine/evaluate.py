@@ -34,6 +34,11 @@ from gradcam_engine.engine.run_config import RunConfig
 from gradcam_engine.engine.run_view import RunView, cam_array
 from gradcam_engine.engine.session import GradCAMSession, SessionOptions
 
+# The precision the faithfulness probe runs for the run's precision. A bf16 run is the fp32 graph with TensorFlow's
+# oneDNN rewriting its products to bf16 as it runs (engine/bf16.py); ONNX Runtime has no bf16 kernels, so the probe
+# scores that same fp32 graph without the rewrite. Every other precision has its own ONNX file and is probed as it ran.
+PROBE_PRECISION = {"bf16": "fp32"}
+
 RESULT_COLUMNS = ["path", "status", "error", "width", "height", "predicted_class", "predicted_label",
                   "predicted_score", "target_class", "cam_height", "cam_width"]
 
@@ -47,6 +52,7 @@ class EvaluateConfig:
     labels_from_folders: bool = False      # the folder holding each image names its class
     boxes: str | None = None               # CSV path,x0,y0,x1,y1 or COCO JSON
     root: str | None = None                # relative paths in the files start here (default: the file's folder)
+    methods: tuple[str, ...] = ()          # CAM methods to evaluate (box metrics and faithfulness); (): all the run's
     faithfulness: tuple[str, ...] = ()     # any of drop, deletion, insertion
     steps: int = DEFAULT_STEPS             # K of deletion / insertion
     baseline: str = "blur"                 # what deleted pixels become: blur | mean
@@ -94,9 +100,13 @@ class EvaluationSummary:
 
     def text(self) -> str:
         counts = self.info["counts"]
+        probe = self.info.get("faithfulness_probe") or {}
         lines = [f"{counts['inputs']} inputs ({counts['ok']} ok, {counts['error']} errors); evaluated "
                  f"{self.evaluated} in {self.seconds:.1f} s" + (f" ({self.already_done} already done, resumed)"
                                                                  if self.already_done else "") + "."]
+        if probe and probe["precision"] != probe["run_precision"]:
+            lines.append(f"faithfulness: scored through the {probe['precision']} ONNX graph (the run was "
+                         f"{probe['run_precision']}: {probe['why']})")
         classification = self.info.get("classification")
         if classification:
             lines.append(f"classification: accuracy {_pct(classification['accuracy'])} of {classification['images']} "
@@ -144,13 +154,33 @@ def ground_truth(config: EvaluateConfig, keys: list[str], ok_keys: list[str], cl
     return GroundTruth(labels=labels, boxes=boxes)
 
 
-def fingerprint(config: EvaluateConfig, view: RunView, truth: GroundTruth) -> dict[str, Any]:
-    """What decides a metrics row: the run, the ground truth files (by content) and the faithfulness options."""
+def chosen_columns(view: RunView, methods: tuple[str, ...]) -> dict[str, str]:
+    """method -> CAM column for the methods asked for (all the run's when none), in the run's output order."""
+    unknown = [m for m in methods if m not in view.cam_columns]
+    if unknown:
+        raise RunError(f"--methods {','.join(unknown)}: not a CAM method of this run; it has "
+                       f"{','.join(view.methods)}")
+    return {m: c for m, c in view.cam_columns.items() if not methods or m in methods}
+
+
+def probe_precision(view: RunView) -> dict[str, str]:
+    """Which precision of the artifact the faithfulness probe runs, for the run's own (recorded in metrics.json)."""
+    ran = str(view.info.get("precision") or "auto")
+    probed = PROBE_PRECISION.get(ran, ran)
+    why = ("bf16 is the fp32 graph under TensorFlow's oneDNN bf16 rewrite, which ONNX Runtime cannot run"
+           if ran == "bf16" else "the run's own precision")
+    return {"backend": "onnx", "precision": probed, "run_precision": ran, "why": why}
+
+
+def fingerprint(config: EvaluateConfig, view: RunView, truth: GroundTruth,
+                methods: list[str]) -> dict[str, Any]:
+    """What decides a metrics row: the run, the CAM methods, the ground truth files (by content) and the faithfulness
+    options."""
     def source(path: str | None) -> dict[str, str] | None:
         return {"file": os.path.abspath(path), "sha256": file_digest(path)} if path else None
 
     curves = any(k in config.faithfulness for k in ("deletion", "insertion"))
-    return {"run": view.fingerprint, "methods": view.methods,
+    return {"run": view.fingerprint, "methods": methods,
             "labels": "folders" if config.labels_from_folders else source(config.labels),
             "boxes": source(config.boxes), "root": config.root,
             "faithfulness": sorted(config.faithfulness), "steps": config.steps if curves else None,
@@ -167,9 +197,11 @@ class FaithfulnessProbe:
         if expected and artifact.checksum != expected:
             raise RunError(f"{root}: not the artifact this run used (manifest checksum differs); pass the run's "
                            "artifact with --artifact")
-        precision = str(view.info.get("precision") or "auto")
-        options = SessionOptions(**{**asdict(config.session), "backend": "onnx", "precision": precision})
+        self.precision = probe_precision(view)
+        options = SessionOptions(**{**asdict(config.session), "backend": "onnx",
+                                    "precision": self.precision["precision"]})
         self.session = GradCAMSession(artifact, options)
+        self.precision["precision"] = self.session.precision
         self.size = artifact.input_size
         run_options = view.info.get("options") or {}
         self.max_bytes = int(run_options.get("max_bytes", RunConfig.max_bytes))
@@ -232,9 +264,9 @@ def _nullable(values: np.ndarray, valid: np.ndarray, type: pa.DataType) -> pa.Ar
     return pa.array(values, type=type, mask=~valid)
 
 
-def score_table(table: pa.Table, view: RunView, truth: GroundTruth, probe: FaithfulnessProbe | None,
+def score_table(table: pa.Table, columns: dict[str, str], truth: GroundTruth, probe: FaithfulnessProbe | None,
                 class_names: list[str]) -> pa.Table:
-    """Metrics rows (one per input and method) for a batch of results rows."""
+    """Metrics rows (one per input and method in `columns`, method -> CAM column) for a batch of results rows."""
     n = table.num_rows
     paths = table.column("path").to_pylist()
     ok = np.asarray(pc.equal(table.column("status"), "ok").fill_null(False).to_numpy(zero_copy_only=False), bool)
@@ -264,7 +296,7 @@ def score_table(table: pa.Table, view: RunView, truth: GroundTruth, probe: Faith
         "correct": _nullable(predicted == label, has_label & ok, pa.bool_()),
         "boxes": box_lists,
     }
-    cams = {m: cam_array(table, column) for m, column in view.cam_columns.items()}
+    cams = {m: cam_array(table, column) for m, column in columns.items()}
 
     scored = ok & has_boxes
     position = np.full(n, -1)
@@ -323,6 +355,8 @@ def evaluate(config: EvaluateConfig) -> EvaluationSummary:
     view = RunView(config.run_dir)
     if not view.cam_columns:
         raise RunError(f"{view.results_dir}: no CAM column in the results")
+    cam_columns = chosen_columns(view, config.methods)
+    methods = list(cam_columns)
     class_names = view.class_names
     index = view.dataset.to_table(columns=["path", "status", "width", "height"])
     keys = index.column("path").to_pylist()
@@ -330,7 +364,7 @@ def evaluate(config: EvaluateConfig) -> EvaluationSummary:
     truth = ground_truth(config, keys, ok_keys, class_names, lambda key: view.item(key).key)
     box_counts = _box_checks(truth.boxes, index) if truth.boxes else None
     store = MetricsStore(view.root)
-    run_fingerprint = fingerprint(config, view, truth)
+    run_fingerprint = fingerprint(config, view, truth, methods)
     shards = {p.name: p.stat().st_size for p in sorted(view.results_dir.glob("part-*.parquet"))}
     store.prepare(run_fingerprint, config.overwrite, shards)
     done = store.done_paths()
@@ -338,14 +372,15 @@ def evaluate(config: EvaluateConfig) -> EvaluationSummary:
     probe = FaithfulnessProbe(config, view) if config.faithfulness and pending else None
     options = {k: v for k, v in asdict(config).items() if k != "session"}
     options["device"] = config.session.device
-    store.start(run_fingerprint, options, results_shards=shards, methods=view.methods, class_names=class_names,
+    probed = {"faithfulness_probe": probe.precision if probe else probe_precision(view)} if config.faithfulness else {}
+    store.start(run_fingerprint, options, results_shards=shards, methods=methods, class_names=class_names, **probed,
                 ground_truth={"labels": _source_counts(truth.labels),
                               "boxes": {**_source_counts(truth.boxes), **box_counts} if truth.boxes else None})
 
     progress = Progress(pending, enabled=config.progress)
     done_array = pa.array(sorted(done), pa.string())
     rows = config.shard_size or (256 if config.faithfulness else 4096)
-    columns = RESULT_COLUMNS + sorted(set(view.cam_columns.values()))
+    columns = RESULT_COLUMNS + sorted(set(cam_columns.values()))
 
     def not_done() -> Iterator[pa.Table]:
         for batch in view.batches(columns, batch_size=rows):
@@ -355,7 +390,7 @@ def evaluate(config: EvaluateConfig) -> EvaluationSummary:
                 yield batch
 
     def scored(batch: pa.Table) -> tuple[int, pa.Table]:
-        return batch.num_rows, score_table(batch, view, truth, probe, class_names)
+        return batch.num_rows, score_table(batch, cam_columns, truth, probe, class_names)
 
     # Box and label metrics are numpy on whole arrays, which releases the GIL: batches are scored on every core,
     # and written in order. Faithfulness has its own decode threads and the runtime's, so it goes one batch at a time.
@@ -367,7 +402,7 @@ def evaluate(config: EvaluateConfig) -> EvaluationSummary:
     finally:
         progress.close()
     table = store.dataset().to_table(columns=[f.name for f in SCHEMA if f.name not in ("boxes",)] + ["boxes"])
-    found = figures(table, class_names, view.methods, labelled_run=truth.labels is not None)
+    found = figures(table, class_names, methods, labelled_run=truth.labels is not None)
     seconds = time.perf_counter() - start
     info = store.finish(found, seconds=round(seconds, 3), evaluated_this_run=pending,
                         rows_per_second=round(pending / seconds, 1) if seconds > 0 else None)

@@ -63,6 +63,17 @@ class ReportData:
     metric_values: dict[str, dict[str, np.ndarray]]  # method -> metric -> per-input values (evaluated runs)
     sections: dict[str, list[Card]]             # gallery section title -> cards
 
+    @property
+    def scored_methods(self) -> list[str]:
+        """The methods the evaluation scored (`evaluate --methods` may have chosen some), in the run's order."""
+        return scored_methods(self.methods, self.metrics)
+
+
+def scored_methods(methods: list[str], metrics: dict[str, Any] | None) -> list[str]:
+    """The run's methods that metrics.json lists as evaluated (all of them without metrics)."""
+    chosen = (metrics or {}).get("methods") or methods
+    return [m for m in methods if m in chosen] or methods
+
 
 class _Best:
     """The k rows with the largest keys seen so far (ties: first seen), for a streaming pass."""
@@ -156,11 +167,12 @@ def gather(run_dir: str | Path, gallery: int) -> ReportData:
             "iou", "drop", "deletion_auc", "insertion_auc"])
         table = table.filter(pc.equal(table.column("status"), "ok"))
         method = _numpy(table, "method", "")
-        for m in methods:
+        scored = scored_methods(methods, metrics)
+        for m in scored:
             mine = table.filter(pa.array(method == m))
             metric_values[m] = {name: _numpy(mine, name, dtype=np.float64) for name in
                                 ("energy", "iou", "drop", "deletion_auc", "insertion_auc")}
-        first = table.filter(pa.array(method == methods[0]))
+        first = table.filter(pa.array(method == scored[0]))
         labelled = first.column("correct").is_valid().to_numpy(zero_copy_only=False)
         if labelled.any():
             right = _numpy(first, "correct", False, bool)
@@ -176,7 +188,7 @@ def gather(run_dir: str | Path, gallery: int) -> ReportData:
             energy = _numpy(first, "energy", dtype=np.float64)
             worst = _Best(gallery)
             worst.offer(-energy[has_boxes], [p for p, b in zip(first.column("path").to_pylist(), has_boxes) if b])
-            sections[f"Worst localised ({methods[0]}: least CAM energy inside the boxes)"] = worst.paths()
+            sections[f"Worst localised ({scored[0]}: least CAM energy inside the boxes)"] = worst.paths()
     cards = _cards(view, sorted({p for ps in sections.values() for p in ps}), evaluated)
     return ReportData(
         run_dir=view.root, info=view.info, manifest=view.manifest, methods=methods, class_names=names,

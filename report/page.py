@@ -24,14 +24,17 @@ STYLE = """
 body { margin: 0 auto; max-width: 1240px; padding: 18px 24px 48px; background: #fbfbfd; }
 h1 { font-size: 22px; margin: 0 0 2px; } h2 { font-size: 18px; margin: 28px 0 10px; border-bottom: 1px solid #dde;
   padding-bottom: 4px; } h3 { font-size: 15px; margin: 16px 0 6px; }
+h1, .sub, .fact { overflow-wrap: anywhere; }
 .sub { color: #667; margin: 0 0 12px; } .warn { background: #fff4d6; border: 1px solid #e8c766; padding: 6px 10px; }
 .facts { display: grid; grid-template-columns: repeat(auto-fill, minmax(230px, 1fr)); gap: 8px; }
 .fact { background: #fff; border: 1px solid #e3e5ee; border-radius: 6px; padding: 7px 10px; }
 .fact b { display: block; font-size: 17px; } .fact span { color: #667; font-size: 12px; }
+.scroll { overflow-x: auto; max-width: 100%; }
 table { border-collapse: collapse; background: #fff; font-size: 13px; }
 th, td { border: 1px solid #e3e5ee; padding: 3px 8px; text-align: right; } th { background: #f1f2f7; }
 td.l, th.l { text-align: left; } td a { color: #3b6fb6; text-decoration: none; cursor: pointer; }
 .plots { display: flex; flex-wrap: wrap; gap: 14px; } .plot { background: #fff; border: 1px solid #e3e5ee; }
+svg.plot { max-width: 100%; height: auto; }
 .plot .axis { stroke: #889; } .plot .grid { stroke: #e6e7ee; } .plot text { font-size: 10px; fill: #445; }
 .plot .label { font-size: 11px; } .plot .legend { font-size: 11px; }
 .plot .heading { font-size: 12px; font-weight: 600; fill: #1d2433; }
@@ -92,11 +95,12 @@ def _fact(value: Any, label: str) -> str:
 
 
 def _table(header: list[str], rows: Iterable[list[str]], left: int = 1, cls: str = "") -> str:
-    """A table of already-escaped cells; the first `left` columns align left."""
+    """A table of already-escaped cells; the first `left` columns align left. Wider than the page's column (many
+    methods or classes), it scrolls sideways inside its own box and the page does not."""
     head = "".join(f'<th class="{"l" if i < left else ""}">{h}</th>' for i, h in enumerate(header))
     body = "".join("<tr>" + "".join(f'<td class="{"l" if i < left else ""}">{c}</td>' for i, c in enumerate(r))
                    + "</tr>" for r in rows)
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    return f'<div class="scroll"><table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def summary(data: ReportData) -> str:
@@ -168,8 +172,13 @@ def evaluation(data: ReportData) -> str:
                               if k not in ("source",) and v)
             notes.append(f"{name}: {source.get('source')} ({extra})")
     if options.get("faithfulness"):
+        probe = metrics.get("faithfulness_probe") or {}
+        ran = (f" through the {probe['precision']} graph (the run: {probe['run_precision']})"
+               if probe and probe["precision"] != probe["run_precision"] else "")
         notes.append(f"faithfulness {','.join(options['faithfulness'])}, K = {options.get('steps')}, baseline "
-                     f"{options.get('baseline')}")
+                     f"{options.get('baseline')}{ran}")
+    if len(data.scored_methods) < len(data.methods):
+        notes.append(f"evaluated methods: {', '.join(data.scored_methods)} of {', '.join(data.methods)}")
     return (f"<h2>Evaluation</h2><div class=\"facts\">{''.join(facts)}</div><h3>Per method</h3>"
             f"{_table(header, rows)}<p class=\"sub\">{escape('; '.join(notes))}</p>")
 
@@ -179,13 +188,14 @@ def per_class(data: ReportData) -> str:
     metrics = data.metrics or {}
     classification = (metrics.get("classification") or {}).get("per_class", {})
     by_class = metrics.get("per_class", {})
-    first = data.methods[0]
+    scored = data.scored_methods
+    first = scored[0]
     header = ["class", "predicted", "mean confidence"]
     if classification:
         header += ["support", "precision", "recall"]
     if by_class:
-        header += [f"{escape(m)} pointing game" for m in data.methods] + [f"{escape(first)} energy PG",
-                                                                          f"{escape(first)} IoU"]
+        header += [f"{escape(m)} pointing game" for m in scored] + [f"{escape(first)} energy PG",
+                                                                    f"{escape(first)} IoU"]
     rows = []
     for i, name in enumerate(data.class_names):
         stats = data.per_class.get(i, {})
@@ -198,7 +208,7 @@ def per_class(data: ReportData) -> str:
             row += [f"{c.get('support', 0):,}", _pct(c.get("precision")), _pct(c.get("recall"))]
         if by_class:
             m = by_class.get(name, {})
-            row += [_pct(m.get(method, {}).get("pointing_game")) for method in data.methods]
+            row += [_pct(m.get(method, {}).get("pointing_game")) for method in scored]
             row += [_num(m.get(first, {}).get("energy_pointing_game")), _num(m.get(first, {}).get("iou"))]
         rows.append(row)
     by = metrics.get("per_class_by", "predicted_class")

@@ -332,6 +332,8 @@ def test_faithfulness_re_decodes_the_run_s_own_inputs_and_scores_them_through_th
     summary = evaluate(EvaluateConfig(str(run_dir), faithfulness=("drop", "deletion", "insertion"), steps=3,
                                       baseline="mean", session=CPU, progress=False))
     assert summary.info["counts"]["faithfulness_errors"] == 0
+    probe = summary.info["faithfulness_probe"]
+    assert (probe["backend"], probe["precision"], probe["run_precision"]) == ("onnx", "fp32", "fp32")
     session = GradCAMSession(artifact.root, CPU)
     rows = {r["path"]: r for r in metrics_rows(run_dir)}
     checked = 0
@@ -454,3 +456,83 @@ def test_faithfulness_and_thumbnails_read_back_relative_and_non_utf8_inputs_from
 
     report = write_report(tmp_path / "run")
     assert (report.rendered, report.unreadable) == (2, 0)
+
+
+def test_evaluate_methods_limits_box_metrics_and_faithfulness_to_the_chosen_methods(
+        scenario: Scenario, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gradcam_engine.cli.main import main
+    from gradcam_engine.report import write_report
+
+    run_dir = scenario.copy(tmp_path / "run")
+    add_method(run_dir, "mirror")
+    args = ["evaluate", str(run_dir), "--labels", str(scenario.labels_csv), "--boxes", str(scenario.boxes_csv),
+            "--faithfulness", "drop", "--device", "cpu", "--threads", "1"]
+    assert main([*args, "--methods", "mirror"]) == 0
+    chosen = metrics_rows(run_dir)
+    assert sorted((r["path"], r["method"]) for r in chosen) == sorted((p, "mirror") for p in scenario.rows)
+    info = metrics_json(run_dir)
+    assert info["methods"] == ["mirror"] == list(info["overall"]) and info["fingerprint"]["methods"] == ["mirror"]
+    assert all(set(by_method) == {"mirror"} for by_method in info["per_class"].values())
+    html = write_report(run_dir).path.read_text()  # the report shows the figures of the evaluated method only
+    assert "mirror pointing game" in html and "gradcam pointing game" not in html
+    assert "Worst localised (mirror:" in html and "evaluated methods: mirror of gradcam, mirror" in html
+
+    # The choice is part of what the metrics were asked for: all methods now is refused, then replaces them.
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "different methods" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+    every = {(r["path"], r["method"]): r for r in metrics_rows(run_dir)}
+    assert len(every) == 2 * len(scenario.rows) and metrics_json(run_dir)["methods"] == ["gradcam", "mirror"]
+    for row in chosen:  # the mirror rows are the same whether it was evaluated alone or with gradcam
+        both = every[(row["path"], "mirror")]
+        for name in ("pointing_hit", "energy", "iou", "score", "masked_score", "drop"):
+            assert (row[name] is None) == (both[name] is None), name
+            assert row[name] is None or row[name] == pytest.approx(both[name], abs=1e-6), name
+    assert any(every[(p, "mirror")]["drop"] != every[(p, "gradcam")]["drop"] for p in scenario.boxes)
+
+    assert main([*args, "--methods", "gradcam,eigen", "--overwrite"]) == 2
+    assert "--methods eigen: not a CAM method of this run; it has gradcam,mirror" in capsys.readouterr().err
+    assert metrics_json(run_dir)["methods"] == ["gradcam", "mirror"]  # refused before anything was replaced
+
+
+def test_faithfulness_of_a_bf16_run_is_measured_on_the_fp32_graph_and_says_so(
+        artifact: SmallArtifact, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`--precision bf16` runs the fp32 SavedModel under TensorFlow's oneDNN bf16 rewrite; ONNX Runtime has no bf16
+    kernels, so the faithfulness probe scores the same fp32 graph, and metrics.json says so. Where TensorFlow cannot
+    compute bf16 at all (no AVX-512), a run whose run.json says bf16 stands in for one."""
+    from gradcam_engine.cli.main import main
+    from gradcam_engine.engine import cpu
+    from gradcam_engine.engine.decode import decode_image
+
+    images = tmp_path / "images"
+    paths = [write_image(images / f"s_{i}.png", scene(70 + 9 * i, 60, 90 + i)) for i in range(5)]
+    run_dir = tmp_path / "run"
+    real = cpu.native_bf16() or "avx512f" in cpu.cpu_flags()  # natively, or emulated by oneDNN with bf16 rounding
+    if real:
+        flags = cpu.cpu_flags() | {"avx512_bf16"}
+        monkeypatch.setattr(cpu, "cpu_flags", lambda: flags)
+        run_gradcam(RunConfig(artifact=str(artifact.root), inputs=[str(images)], out=str(run_dir), progress=False,
+                              session=SessionOptions(backend="tf", device="cpu", precision="bf16")))
+    else:
+        run_gradcam(RunConfig(artifact=str(artifact.root), inputs=[str(images)], out=str(run_dir), session=CPU,
+                              progress=False))
+        info = json.loads((run_dir / "run.json").read_text())
+        (run_dir / "run.json").write_text(json.dumps({**info, "precision": "bf16"}))
+    assert json.loads((run_dir / "run.json").read_text())["precision"] == "bf16"
+
+    assert main(["evaluate", str(run_dir), "--faithfulness", "drop", "--device", "cpu", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "scored through the fp32 ONNX graph (the run was bf16" in out
+    probe = metrics_json(run_dir)["faithfulness_probe"]
+    assert (probe["backend"], probe["precision"], probe["run_precision"]) == ("onnx", "fp32", "bf16")
+    fp32 = GradCAMSession(artifact.root, CPU)
+    rows = {r["path"]: r for r in metrics_rows(run_dir)}
+    run_rows = rows_by_path(run_dir)
+    for path in paths:
+        row = rows[str(path)]
+        pixels = decode_image(path.read_bytes(), artifact.size).pixels[None]
+        expected = fp32({"images": pixels, "class_index": np.array([-1], np.int32)})["predictions"][0]
+        assert row["score"] == pytest.approx(float(expected[row["target_class"]]), abs=1e-5)  # fp32's, exactly
+        assert row["score"] == pytest.approx(run_rows[str(path)]["predicted_score"], abs=0.05)  # bf16 ran close

@@ -30,6 +30,7 @@ WIDTH, HEIGHT = 1280, 1600
 class Runs:
     evaluated: Path     # labels, boxes and faithfulness; overlays for the first 3 images; one error row
     plain: Path         # the same inputs, never evaluated, no overlays
+    boxes: Path         # the boxes CSV `evaluated` was evaluated with
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def runs(artifact: SmallArtifact, tmp_path_factory: pytest.TempPathFactory) -> R
                 writer.writerow([path, 5, 5, row["width"] // 2, row["height"] // 2])
     evaluate(EvaluateConfig(str(evaluated), labels_from_folders=True, boxes=str(boxes), session=CPU, steps=2,
                             faithfulness=("drop", "deletion", "insertion"), progress=False))
-    return Runs(evaluated=evaluated, plain=plain)
+    return Runs(evaluated=evaluated, plain=plain, boxes=boxes)
 
 
 def rendered(page: Path) -> tuple[bytes, list[dict], list[str], Chromium]:
@@ -182,3 +183,92 @@ def test_a_runs_overlay_is_reused_for_the_thumbnail(tmp_path: Path) -> None:
     uris = thumbnails.overlays(path, 64, 48, {"gradcam": np.zeros((4, 4), np.float32)}, None)
     assert list(uris) == ["gradcam"] and thumbnails.reused == 1
     assert thumbnails.overlays(path, 65, 48, {"gradcam": np.zeros((4, 4), np.float32)}, None) == {}  # other size
+
+
+SIX_METHODS = ["gradcam", "gradcampp", "xgradcam", "hirescam", "layercam", "eigencam"]
+
+
+def with_methods(source: Path, dest: Path, methods: list[str]) -> Path:
+    """A copy of a run as a run with several CAM methods looks: one `cam_<method>` column for each after the first."""
+    import json
+    import shutil
+
+    shutil.copytree(source, dest)
+    for method in methods[1:]:
+        add_method(dest, method)
+    info = json.loads((dest / "run.json").read_text())
+    (dest / "run.json").write_text(json.dumps({**info, "methods": methods}))
+    return dest
+
+
+def test_the_report_shows_every_plot_and_the_runs_facts(runs: Runs, tmp_path: Path) -> None:
+    import json
+
+    html = write_report(runs.evaluated, tmp_path / "r.html").path.read_text()
+    info = json.loads((runs.evaluated / "run.json").read_text())
+    facts = dict((label, value) for value, label in re.findall(r'<div class="fact"><b>([^<]*)</b><span>([^<]*)</span>',
+                                                               html))
+    assert facts["precision"] == info["precision"] == "fp32"
+    assert facts["CAM methods"] == "gradcam"
+    assert facts[f"throughput ({info['throughput']['seconds']:.1f} s, last session of the run)"] == \
+        f"{info['throughput']['images_per_second']:.1f} img/s"
+    titles = re.findall(r'<svg class="plot"[^>]*><title>([^<]*)</title>', html)
+    assert titles == ["Confidence of the predicted class", "gradcam: energy inside boxes", "gradcam: IoU@0.5 with boxes",
+                      "gradcam: drop in confidence", "gradcam: deletion AUC", "gradcam: insertion AUC",
+                      "gradcam: mean target score as pixels are deleted / inserted", "gradcam: pointing game per class"]
+    predicted = {r["predicted_label"] for r in rows_by_path(runs.evaluated).values() if r["status"] == "ok"}
+    assert len(predicted) > 1
+    assert set(re.findall(r'alt="mean gradcam CAM, ([^"]*)"', html)) == predicted  # one map per predicted class
+
+    with Chromium(width=WIDTH, height=HEIGHT) as browser:
+        browser.open(tmp_path / "r.html")
+        drawn = browser.evaluate("""Array.from(document.querySelectorAll('svg.plot')).map(function (s) {
+            var box = s.getBoundingClientRect();
+            return {title: s.querySelector('title').textContent, width: box.width, height: box.height,
+                    marks: s.querySelectorAll('rect, polyline').length};
+        })""")
+        maps = browser.evaluate("""Array.from(document.querySelectorAll('img[alt^="mean gradcam CAM"]')).map(
+            function (i) { return i.complete ? i.naturalWidth : 0; })""")
+    assert [d["title"] for d in drawn] == titles
+    assert all(d["width"] >= 300 and d["height"] >= 150 and d["marks"] > 0 for d in drawn), drawn
+    assert len(maps) == len(predicted) and min(maps) > 0
+
+
+def test_wide_tables_scroll_in_their_own_box_and_the_page_never_sideways(runs: Runs, tmp_path: Path) -> None:
+    """Six CAM methods make the per-class table wider than the page's column at the README screenshot's width."""
+    run_dir = with_methods(runs.evaluated, tmp_path / "run", SIX_METHODS)
+    evaluate(EvaluateConfig(str(run_dir), labels_from_folders=True, boxes=str(runs.boxes), overwrite=True,
+                            progress=False))
+    page = write_report(run_dir).path
+    with Chromium(width=1000, height=1000) as browser:
+        browser.open(page)
+        layout = browser.evaluate("""(function () {
+            var boxes = Array.from(document.querySelectorAll('.scroll'));
+            return {page: document.documentElement.scrollWidth, window: window.innerWidth,
+                    tables: document.querySelectorAll('table').length,
+                    boxed: document.querySelectorAll('.scroll > table').length,
+                    scrolling: boxes.filter(function (b) { return b.scrollWidth > b.clientWidth; }).map(
+                        function (b) { return b.previousElementSibling.textContent; })};
+        })()""")
+        errors = list(browser.errors)
+    assert errors == []
+    assert layout["page"] <= layout["window"] == 1000, layout
+    assert layout["boxed"] == layout["tables"] >= 3, layout  # per method, per class, confusion matrix, errors
+    assert "Per class" in layout["scrolling"], layout  # wider than the column: it scrolls inside its box
+
+
+def test_report_screenshot_writes_a_png_of_the_asked_width_that_is_not_blank(runs: Runs, tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture) -> None:
+    from gradcam_engine.cli.main import main
+
+    png = tmp_path / "shot.png"
+    assert main(["report", str(runs.evaluated), "--out", str(tmp_path / "r.html"), "--screenshot", str(png),
+                 "--screenshot-width", "900"]) == 0
+    assert f"Screenshot: {png}" in capsys.readouterr().out
+    shot = Image.open(png)
+    assert shot.format == "PNG" and shot.width == 900 and shot.height > 600
+    pixels = np.asarray(shot.convert("RGB"))
+    assert pixels.std() > 20, "the screenshot looks blank"
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50  # text, tables and heatmaps, not a flat page
+    rows = pixels.reshape(pixels.shape[0], -1).std(axis=1)
+    assert (rows > 5).mean() > 0.3  # content all the way down, not one band at the top
