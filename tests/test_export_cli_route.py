@@ -40,7 +40,9 @@ def saved(garden: G.GardenModel, tmp_path_factory: pytest.TempPathFactory) -> di
         for path in paths.values():
             garden.model.save(path)
     loader = f"""
-            def load_pair():
+        import tf_keras
+
+        def load_pair():
             model = tf_keras.models.load_model({str(paths['h5'])!r}, compile=False)
             return model.get_layer("tiny_resnet"), [model.get_layer(n) for n in ("gap", "drop", "pred")]
 
