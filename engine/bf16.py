@@ -47,7 +47,8 @@ def _onednn_opted_out() -> bool:
 def require_onednn() -> None:
     """Refuse bf16 when TensorFlow's oneDNN kernels are off: the option would silently do nothing."""
     if not onednn_enabled():
-        fix = "unset TF_ENABLE_ONEDNN_OPTS" if _onednn_opted_out() else "run fp32, or bf16 on a CPU with avx512_bf16 or AMX"
+        fix = ("unset TF_ENABLE_ONEDNN_OPTS" if _onednn_opted_out()
+               else "run fp32, or bf16 on a CPU with avx512_bf16 or AMX")
         raise RunError(f"--precision bf16: {onednn_off()}; {fix}")
 
 

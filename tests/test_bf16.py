@@ -119,7 +119,7 @@ def test_export_records_the_bf16_gate_figures(demo: DemoPrecisions, tmp_path: Pa
     from gradcam_engine.export.errors import ExportError
     from precision_support import DEMO_MODEL
 
-    if not engine_bf16.onednn_enabled():  # no AVX-512: TensorFlow's oneDNN is off, and export says bf16 cannot be judged
+    if not engine_bf16.onednn_enabled():  # no AVX-512: TensorFlow's oneDNN is off; export says bf16 cannot be judged
         with pytest.raises(ExportError, match="bf16 check: TensorFlow's oneDNN kernels are off"):
             export_artifact(DEMO_MODEL, tmp_path / "a", ExportOptions(precision="fp32,bf16"))
         assert not (tmp_path / "a").exists()

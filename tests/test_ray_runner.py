@@ -34,7 +34,7 @@ from gradcam_engine.engine.session import SessionOptions
 from gradcam_engine.export.parity import TOLERANCES
 
 CLUSTER_CPUS = 3 if os.cpu_count() != 3 else 4
-RAY_CPUS = CLUSTER_CPUS  # the conftest's ray_cluster reads it: a count unlike this machine's, so the tests see it is the cluster's
+RAY_CPUS = CLUSTER_CPUS  # read by the conftest's ray_cluster: unlike this machine's count, so tests can tell them apart
 # The same graph as the local run, its batches made up differently: rounding only, within the fp32 contract.
 CAM_TOLERANCE = TOLERANCES["fp32"]["cam_max_abs_diff"]
 SCORE_TOLERANCE = TOLERANCES["fp32"]["predictions_rel_diff"]
