@@ -282,7 +282,7 @@ def test_mobilenet_v2_fp16_saved_model_is_skipped_with_its_figures(mobilenet: di
 
 
 def test_mobilenet_v2_judged_on_random_images_also_exports_fp16(mobilenet: dict[str, Any]) -> None:
-    """The issue's command had no calibration images: the gate then judges on seeded random images."""
+    """Exported without calibration images: the gate then judges on seeded random images."""
     from gradcam_engine.export.calibration import load_gate_images
     from gradcam_engine.export.precisions import Gate, fp16_with_fp32_front
 

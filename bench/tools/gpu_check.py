@@ -262,7 +262,7 @@ def end_to_end(paths: dict[str, Path], device: str, work: Path, n: int, batch: i
 
 
 def check(prepared: Path, batch_sizes: list[int], dry_run: bool, out_json: Path | None) -> dict[str, Any]:
-    """Everything the issue asks the GPU to show, in one process, printed as JSON."""
+    """Everything the GPU check shows, in one process, printed as JSON."""
     try:
         import torch  # loads the CUDA libraries onnxruntime-gpu links against
 
