@@ -241,6 +241,8 @@ def _methods_of(built: Built) -> tuple[str, ...]:
     from gradcam_engine.engine.artifact import load_artifact
 
     return load_artifact(built.sources.methods_artifact, verify=[]).methods
+
+
 def _e2e_variants(config: BenchConfig, artifact: Any, device: str) -> list[tuple[str, str]]:
     """(backend, precision) of each end-to-end run: the default runtime in fp32, then int8 on ONNX Runtime and bf16
     on TensorFlow on CPU when asked for (each beside its own model-only run)."""

@@ -91,14 +91,20 @@ class RunView:
                 found[path] = base
         return found
 
+    @cached_property
+    def _common_base(self) -> str | None:
+        """The one base all shards share (the usual case), None when they differ or there are none."""
+        bases = set(self._bases.values())
+        return bases.pop() if len(bases) == 1 else None
+
     def item(self, path: str) -> InputItem:
         """The input a results `path` names, readable again as the run read it: the escape of undecodable bytes
         undone (engine.results.path_key), and a relative path joined to the directory the run wrote it from."""
         key = path_key(path)
-        location = key.split("::", 1)[0] if "::" in key else key
+        location = key.split("::", 1)[0]
         if not is_uri(location) and not os.path.isabs(location):
-            bases = set(self._bases.values())
-            base = bases.pop() if len(bases) == 1 else self._base_of_path.get(path, "")
+            base = self._common_base
+            base = self._base_of_path.get(path, "") if base is None else base
             key = os.path.join(base, key) if base else key
         return item_for(key)
 

@@ -152,12 +152,14 @@ METHOD_FORMULAS: dict[str, Callable[[Array, Array], Array]] = {
 }
 
 
+def normalise_maps(raw: Array) -> Array:
+    """Raw maps [N, h, w] as every method ends: ReLU, then / per-image max (0 where the max is 0), in float64."""
+    cam = np.maximum(np.asarray(raw, np.float64), 0.0)
+    peak = cam.max(axis=(1, 2), keepdims=True)
+    return np.where(peak > 0, cam / np.where(peak > 0, peak, 1.0), 0.0)
+
+
 def reference_maps(feature_maps: Array, gradients: Array, methods: tuple[str, ...] | list[str]) -> Array:
     """Every method's map [N, M, h, w] from per-image feature maps and gradients: ReLU, then / per-image max."""
     A, G = feature_maps.astype(np.float64), gradients.astype(np.float64)
-    maps = []
-    for name in methods:
-        cam = np.maximum(METHOD_FORMULAS[name](A, G), 0.0)
-        peak = cam.max(axis=(1, 2), keepdims=True)
-        maps.append(np.where(peak > 0, cam / np.where(peak > 0, peak, 1.0), 0.0))
-    return np.stack(maps, axis=1)
+    return np.stack([normalise_maps(METHOD_FORMULAS[name](A, G)) for name in methods], axis=1)

@@ -98,6 +98,8 @@ def _methods_target(report: dict[str, Any]) -> dict[str, Any]:
     return _target(name, chosen["vs_gradcam"], f">= {METHODS_TARGET:g}", chosen["vs_gradcam"] >= METHODS_TARGET,
                    f"{_label(chosen)} vs {chosen['gradcam_pair']} (median of per-round ratios; in CPU time "
                    f"{chosen['vs_gradcam_cpu']:.3f}; methods: {methods}); all pairs: {all_pairs}")
+
+
 def _side_by_side(report: dict[str, Any], runtime: str, precision: str) -> tuple[dict | None, dict | None]:
     """A reduced precision's Grad-CAM row and fp32's on the same runtime, at the largest batch both have."""
     rows = {(r["precision"], r["batch_size"]): r for r in _model_rows(report, GRADCAM) if r["runtime"] == runtime}

@@ -36,12 +36,6 @@ def tf_keras_vis_gradcampp(A: np.ndarray, G: np.ndarray) -> np.ndarray:
     return np.einsum("nhwc,nc->nhw", A, (np.maximum(G, 0) * alpha).sum(axis=(1, 2)))
 
 
-def _normalise(raw: np.ndarray) -> np.ndarray:
-    cam = np.maximum(np.asarray(raw, np.float64), 0.0)
-    peak = cam.max(axis=(1, 2), keepdims=True)
-    return np.where(peak > 0, cam / np.where(peak > 0, peak, 1.0), 0.0)
-
-
 def _flatten_model() -> Any:
     import keras
 
@@ -67,7 +61,7 @@ def compare_model(model: Any, layer: str, images: np.ndarray, class_index: np.nd
     from tf_keras_vis.utils.model_modifiers import ReplaceToLinear
     from tf_keras_vis.utils.scores import CategoricalScore
 
-    from gradcam_engine.bench.contenders.reference import gradcam_reference, split_for_reference
+    from gradcam_engine.bench.contenders.reference import gradcam_reference, normalise_maps, split_for_reference
     from gradcam_engine.engine import contract as C
     from gradcam_engine.export import ExportOptions, export_artifact
 
@@ -85,10 +79,10 @@ def compare_model(model: Any, layer: str, images: np.ndarray, class_index: np.nd
         explainer.model.set_weights(model.get_weights())
         raw = explainer(score, x, penultimate_layer=layer, seek_penultimate_conv_layer=False, expand_cam=False,
                         normalize_cam=False)  # the layer itself, not the last Conv before it
-        peer_maps[name] = _normalise(raw)
+        peer_maps[name] = normalise_maps(raw)
         figures[f"{name}_max_abs_diff_vs_tf_keras_vis"] = float(np.abs(ours[:, i] - peer_maps[name]).max())
     ref = gradcam_reference(images, class_index, split_for_reference(model, layer, "none"))
-    theirs = _normalise(tf_keras_vis_gradcampp(ref[C.FEATURE_MAPS].astype(np.float64), ref[C.GRADIENTS]))
+    theirs = normalise_maps(tf_keras_vis_gradcampp(ref[C.FEATURE_MAPS].astype(np.float64), ref[C.GRADIENTS]))
     figures["gradcampp_tf_keras_vis_vs_its_formula_in_numpy"] = float(np.abs(peer_maps["gradcampp"] - theirs).max())
     figures["gradcampp_ours_vs_tf_keras_vis_formula_in_numpy"] = float(
         np.abs(ours[:, METHODS.index("gradcampp")] - theirs).max())
