@@ -56,7 +56,7 @@ def summary(manifest: dict[str, Any], out: str) -> str:
 
 def gate_lines(manifest: dict[str, Any]) -> list[str]:
     """The precision gate's figures for every reduced-precision file, passed or not."""
-    from gradcam_engine.export.gate import summary as figures
+    from gradcam_engine.export.gate import file_label, summary as figures
 
     gate = manifest.get("precision_gate")
     if not gate:
@@ -71,8 +71,7 @@ def gate_lines(manifest: dict[str, Any]) -> list[str]:
         front = entry.get("fp32_front", {})
         if front.get("convolutions"):
             outcome += f"; first {front['convolutions']} of {front['of']} convolutions in fp32"
-        name = label if entry["precision"] in label else f"{label} ({entry['precision']})"
-        lines.append(f"    {name}: {figures(entry['figures'])}: {outcome}")
+        lines.append(f"    {file_label(label, entry['precision'])}: {figures(entry['figures'])}: {outcome}")
         methods = entry["figures"].get("methods", {})
         if methods:
             lines.append("      CAM correlation mean / worst per method: " + ", ".join(

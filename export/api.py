@@ -8,19 +8,17 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 from gradcam_engine.engine import contract as C
 from gradcam_engine.engine.artifact import file_table
 from gradcam_engine.engine.errors import first_line
 from gradcam_engine.export.errors import ExportError, PrecisionGateError
 from gradcam_engine.export.methods import check_methods, summary
-
-if TYPE_CHECKING:
-    from gradcam_engine.export.precisions import GateRecord
+from gradcam_engine.export.precisions import ALIASES, PRECISIONS, GateRecord, check_request
 
 ModelLike = Any  # a .keras/.h5 path, "module.py:function", a Keras or tf_keras model, or a (backbone, head) pair
-EXPORT_PRECISIONS = ("fp32", "fp16", "int8", "bf16", "both")  # --precision takes a comma list (export.precisions)
+EXPORT_PRECISIONS = (*PRECISIONS, *ALIASES)  # --precision takes a comma list of these (export.precisions)
 SCORES = ("logit", "output")  # what is differentiated: the class logit (Grad-CAM paper) or the model's own output
 DEFAULT_OPSET = 17
 
@@ -164,8 +162,6 @@ def _check_writable(out: Path, overwrite: bool) -> None:
 def _check_options(options: ExportOptions) -> None:
     if options.preprocessing not in C.PREPROCESSING:
         raise ExportError(f"unknown preprocessing {options.preprocessing!r}; choose {', '.join(C.PREPROCESSING)}")
-    from gradcam_engine.export.precisions import check_request
-
     if options.score not in SCORES:
         raise ExportError(f"unknown score {options.score!r}; choose {', '.join(SCORES)}")
     check_methods(options.methods)

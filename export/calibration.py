@@ -6,7 +6,6 @@ held out: the gate judges on those and calibration never sees them.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -66,9 +65,8 @@ def load_gate_images(specs: Sequence[str] | None, wanted: int, size: tuple[int, 
     from gradcam_engine.engine.run_config import RunConfig
 
     specs = as_specs(specs)
-    limits = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.name in ("max_bytes", "max_pixels")}
     items = list_calibration(specs, wanted)
-    loaded = [load(item, size, limits["max_bytes"], limits["max_pixels"], False) for item in items]
+    loaded = [load(item, size, RunConfig.max_bytes, RunConfig.max_pixels, False) for item in items]  # run's limits
     good = [x.image.pixels for x in loaded if x.image is not None]
     errors = [x.error for x in loaded if x.error]
     if len(good) < MIN_IMAGES:

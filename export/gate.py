@@ -126,10 +126,14 @@ def likely_cause(verdict: Verdict, calibration_images: int = 0) -> str:
     return f"{precision} rounding moves the CAMs of this model more than the limits allow"
 
 
+def file_label(label: str, precision: str) -> str:
+    """A judged file as messages name it: its label, with the precision added when the label does not say it."""
+    return label if precision in label else f"{label} ({precision})"
+
+
 def refusal(label: str, verdict: Verdict, calibration_images: int = 0) -> str:
     """Why the gate refused a file, in one line: which figure failed, and the likely cause."""
     figures = judged(verdict.precision, verdict.figures)
     failed = ", ".join(f"{name} {figures[name][0]:.4f} < {figures[name][1]}" for name in verdict.failed)
-    name = label if verdict.precision in label else f"{label} ({verdict.precision})"
-    return (f"{name} misses the precision gate: {failed} ({summary(verdict.figures)}); "
+    return (f"{file_label(label, verdict.precision)} misses the precision gate: {failed} ({summary(verdict.figures)}); "
             f"likely cause: {likely_cause(verdict, calibration_images)}")

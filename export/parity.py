@@ -79,10 +79,19 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
     return figures
 
 
-def _method_diff(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], index: int, method: str) -> float:
-    diff = np.abs(reference[C.CAMS][:, index].astype(np.float64) - candidate[C.CAMS][:, index])
+def _method_maps(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], index: int,
+                 method: str) -> tuple[np.ndarray, np.ndarray]:
+    """One method's maps on both sides; Eigen-CAM's only on images whose principal direction is defined."""
+    ref, cand = reference[C.CAMS][:, index], candidate[C.CAMS][:, index]
     if method == EIGENCAM and C.FEATURE_MAPS in reference:
-        diff = diff[eigen_gap(reference[C.FEATURE_MAPS]) >= EIGEN_MIN_GAP]
+        defined = eigen_gap(reference[C.FEATURE_MAPS]) >= EIGEN_MIN_GAP
+        ref, cand = ref[defined], cand[defined]
+    return ref, cand
+
+
+def _method_diff(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], index: int, method: str) -> float:
+    ref, cand = _method_maps(reference, candidate, index, method)
+    diff = np.abs(ref.astype(np.float64) - cand)
     return float(diff.max()) if diff.size else 0.0
 
 
@@ -138,10 +147,7 @@ def precision_figures(reference: dict[str, np.ndarray], candidate: dict[str, np.
 def _method_correlations(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], index: int,
                          method: str) -> dict[str, float]:
     """One method's CAM correlations, Eigen-CAM's only on images whose principal direction is defined (as compare)."""
-    ref, cand = reference[C.CAMS][:, index], candidate[C.CAMS][:, index]
-    if method == EIGENCAM and C.FEATURE_MAPS in reference:
-        defined = eigen_gap(reference[C.FEATURE_MAPS]) >= EIGEN_MIN_GAP
-        ref, cand = ref[defined], cand[defined]
+    ref, cand = _method_maps(reference, candidate, index, method)
     figures: dict[str, float] = {"images": int(len(ref)), "skipped": int(len(reference[C.CAMS]) - len(ref))}
     if len(ref):
         corr = cam_correlations(ref, cand)
