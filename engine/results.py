@@ -247,15 +247,21 @@ def publish_shard(tmp: Path, results_dir: Path, name: str) -> Path:
     return final
 
 
-def read_shard(path: Path, columns: list[str] | None = None) -> pa.Table:
-    """A shard read whole, every page's checksum verified; raises on any damage."""
-    return pq.read_table(path, columns=columns, page_checksum_verification=True)
+def read_shard(source: Path | bytes, columns: list[str] | None = None) -> pa.Table:
+    """A shard (its file, or its bytes already read) read whole, every page's checksum verified; raises on any
+    damage."""
+    return pq.read_table(pa.BufferReader(source) if isinstance(source, bytes) else source, columns=columns,
+                         page_checksum_verification=True)
 
 
 def shard_base(path: Path) -> str:
     """The directory the shard's relative paths start from (the writer's working directory)."""
-    metadata = pq.read_schema(path).metadata or {}
-    return path_key(metadata.get(BASE_KEY, b"").decode())
+    return base_of(pq.read_schema(path))
+
+
+def base_of(schema: pa.Schema) -> str:
+    """shard_base from a shard's schema (a table read from it keeps the file's metadata)."""
+    return path_key((schema.metadata or {}).get(BASE_KEY, b"").decode())
 
 
 def concat(columns: Iterable[dict[str, list[Any]]]) -> dict[str, list[Any]]:
