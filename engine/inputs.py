@@ -53,6 +53,7 @@ class InputListing:
 
     items: list[InputItem]
     skipped_non_image: int
+    identities: list[str]  # identity() of each item, in order: what dedupes the listing and what resume checks
 
 
 class ReadError(Exception):
@@ -71,6 +72,7 @@ def _is_image(storage: Storage, location: str) -> bool:
 def list_inputs(specs: Sequence[str]) -> InputListing:
     """Expand the specs, in the order given, into one deduplicated list of items so every run is reproducible."""
     items: list[InputItem] = []
+    keys: list[str] = []
     seen: set[str] = set()
     skipped = 0
     identities = Identities(os.getcwd())
@@ -85,7 +87,8 @@ def list_inputs(specs: Sequence[str]) -> InputListing:
             if key not in seen:
                 seen.add(key)
                 items.append(item)
-    return InputListing(items=items, skipped_non_image=skipped)
+                keys.append(key)
+    return InputListing(items=items, skipped_non_image=skipped, identities=keys)
 
 
 def _expand_spec(spec: str) -> tuple[list[InputItem], int]:

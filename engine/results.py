@@ -11,6 +11,7 @@ is always valid UTF-8 and `path_key` turns it back into the exact name.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import uuid
@@ -23,7 +24,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gradcam_engine.engine import contract as C
-from gradcam_engine.engine.artifact import sha256_file
 from gradcam_engine.engine.pipeline import LoadedBatch
 
 RESULTS_DIR = "results"
@@ -221,10 +221,11 @@ def stage_shard(staging_dir: Path, table: pa.Table, name: str, base: str, run: s
                                                RUN_KEY: run.encode()})
         pq.write_table(table, tmp, compression="zstd", use_dictionary=DICTIONARY_COLUMNS, write_page_checksum=True)
         fsync_path(tmp)
-        back = pq.read_table(tmp, page_checksum_verification=True)
+        data = tmp.read_bytes()  # read once: the bytes checksummed are the bytes that read back
+        back = pq.read_table(pa.BufferReader(data), page_checksum_verification=True)
         if back.num_rows != table.num_rows:
             raise OSError(0, f"shard read back with {back.num_rows} of {table.num_rows} rows")
-        return tmp, ShardRecord(name, table.num_rows, sha256_file(tmp), tmp.stat().st_size)
+        return tmp, ShardRecord(name, table.num_rows, hashlib.sha256(data).hexdigest(), len(data))
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -246,15 +247,21 @@ def publish_shard(tmp: Path, results_dir: Path, name: str) -> Path:
     return final
 
 
-def read_shard(path: Path, columns: list[str] | None = None) -> pa.Table:
-    """A shard read whole, every page's checksum verified; raises on any damage."""
-    return pq.read_table(path, columns=columns, page_checksum_verification=True)
+def read_shard(source: Path | bytes, columns: list[str] | None = None) -> pa.Table:
+    """A shard (its file, or its bytes already read) read whole, every page's checksum verified; raises on any
+    damage."""
+    return pq.read_table(pa.BufferReader(source) if isinstance(source, bytes) else source, columns=columns,
+                         page_checksum_verification=True)
 
 
 def shard_base(path: Path) -> str:
     """The directory the shard's relative paths start from (the writer's working directory)."""
-    metadata = pq.read_schema(path).metadata or {}
-    return path_key(metadata.get(BASE_KEY, b"").decode())
+    return base_of(pq.read_schema(path))
+
+
+def base_of(schema: pa.Schema) -> str:
+    """shard_base from a shard's schema (a table read from it keeps the file's metadata)."""
+    return path_key((schema.metadata or {}).get(BASE_KEY, b"").decode())
 
 
 def concat(columns: Iterable[dict[str, list[Any]]]) -> dict[str, list[Any]]:

@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 
 from gradcam_engine.engine.errors import RunError, UserError, first_line, one_line
-from gradcam_engine.engine.inputs import Identities, InputItem, InputListing, normalise_spec
+from gradcam_engine.engine.inputs import InputItem, InputListing, normalise_spec
 from gradcam_engine.engine.journal import JOURNAL, Journal, JournalState, write_atomically
 from gradcam_engine.engine.overlay import OVERLAY_DIR, overlay_name
 from gradcam_engine.engine.results import (RESULTS_DIR, ShardRecord, publish_shard, results_schema, shard_name,
@@ -322,8 +322,8 @@ class RunDirectory:
     # --- the run ------------------------------------------------------------------------------------------------
     def pending(self, listing: InputListing) -> list[tuple[int, InputItem]]:
         """(listing position, item) of every input without a verified row."""
-        identities = Identities(os.getcwd())
-        return [(i, item) for i, item in enumerate(listing.items) if identities(item.key) not in self._done]
+        return [(i, item) for i, (item, key) in enumerate(zip(listing.items, listing.identities))
+                if key not in self._done]
 
     def start(self, config: RunConfig, fingerprint: dict[str, Any], device: str, precision: str,
               overlays: bool = False, **extra: Any) -> None:
@@ -428,8 +428,7 @@ class RunDirectory:
         """Verify the results again, mark run.json with counts for the current listing and throughput, return
         the summary; a "complete" run whose listing is not wholly covered by verified rows is refused."""
         rows = self._final_rows()
-        identities = Identities(os.getcwd())
-        listed = [identities(item.key) for item in listing.items]
+        listed = listing.identities
         listed_set = set(listed)
         statuses = [rows.status.get(i) for i in listed]
         ok, errors, missing = statuses.count("ok"), statuses.count("error"), statuses.count(None)

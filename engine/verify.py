@@ -9,6 +9,7 @@ reason; the rows it held are then simply not done.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import time
@@ -18,10 +19,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from gradcam_engine.engine.artifact import sha256_file
 from gradcam_engine.engine.errors import first_line
 from gradcam_engine.engine.inputs import Identities
-from gradcam_engine.engine.results import RUN_KEY, ShardRecord, is_shard_name, path_key, read_shard, shard_base
+from gradcam_engine.engine.results import RUN_KEY, ShardRecord, base_of, is_shard_name, path_key, read_shard
 
 
 @dataclass
@@ -89,15 +89,16 @@ class ShardCheck:
         size = path.stat().st_size
         if size != record.bytes:
             return f"size {size} bytes, committed as {record.bytes}"
-        if sha256_file(path) != record.sha256:
+        data = path.read_bytes()  # read once: checksummed, then parsed from memory
+        if hashlib.sha256(data).hexdigest() != record.sha256:
             return "checksum mismatch"
-        return "" if rows is None else self.read_rows(path, rows)
+        return "" if rows is None else self.read_rows(data, rows)
 
-    def read_rows(self, path: Path, rows: CommittedRows) -> str:
+    def read_rows(self, shard: Path | bytes, rows: CommittedRows) -> str:
         """Add a shard's rows; else (nothing added) why not: it does not read back, or it repeats a row already
         committed or one of its own (a copy, by hand or by a retried writer)."""
         try:
-            ids, texts, statuses = _rows(path)
+            ids, texts, statuses = _rows(shard)
         except Exception:  # pyarrow raises several types on damaged files
             return "does not read back"
         if len(set(ids)) != len(ids) or not rows.status.keys().isdisjoint(ids):
@@ -111,29 +112,30 @@ class ShardCheck:
             self.set_aside(path, "not a shard committed by this run", None)
             return None
         try:
-            table = read_shard(path)
+            data = path.read_bytes()  # read once: parsed, checked for rows and checksummed from memory
+            table = read_shard(data)
         except Exception as e:
             self.set_aside(path, f"not journaled and does not read back ({first_line(e, 100)})", None)
             return None
         if table.schema.remove_metadata() != self.schema:
             self.set_aside(path, "not journaled and not a shard of this run's results schema",
-                           self._redone(path, rows, table.num_rows))
+                           self._redone(data, rows, table.num_rows))
             return None
         if not self.run or (table.schema.metadata or {}).get(RUN_KEY) != self.run.encode():
             self.set_aside(path, "not journaled and from another run (it lacks this run's digest)",
-                           self._redone(path, rows, table.num_rows))
+                           self._redone(data, rows, table.num_rows))
             return None
-        problem = self.read_rows(path, rows)
+        problem = self.read_rows(data, rows)
         if problem:
-            self.set_aside(path, f"not journaled and {problem}", self._redone(path, rows, table.num_rows))
+            self.set_aside(path, f"not journaled and {problem}", self._redone(data, rows, table.num_rows))
             return None
-        return ShardRecord(path.name, table.num_rows, sha256_file(path), path.stat().st_size)
+        return ShardRecord(path.name, table.num_rows, hashlib.sha256(data).hexdigest(), len(data))
 
     @staticmethod
-    def _redone(path: Path, rows: CommittedRows, count: int) -> int:
+    def _redone(shard: Path | bytes, rows: CommittedRows, count: int) -> int:
         """How many of a set-aside shard's `count` rows no trusted shard holds: the rows the run redoes."""
         try:
-            return len(set(_rows(path)[0]) - rows.status.keys())
+            return len(set(_rows(shard)[0]) - rows.status.keys())
         except Exception:  # it does not read back: all of them
             return count
 
@@ -151,9 +153,9 @@ class ShardCheck:
                                         "found": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
-def _rows(path: Path) -> tuple[list[str], list[str], list[str]]:
-    """A shard's input identities, `path` texts and statuses; raises when it does not read back."""
-    table = read_shard(path, columns=["path", "status"])
-    identities = Identities(shard_base(path))
+def _rows(shard: Path | bytes) -> tuple[list[str], list[str], list[str]]:
+    """A shard's (file's or bytes') input identities, `path` texts and statuses; raises when it does not read back."""
+    table = read_shard(shard, columns=["path", "status"])
+    identities = Identities(base_of(table.schema))
     texts = table.column("path").to_pylist()
     return [identities(path_key(t)) for t in texts], texts, table.column("status").to_pylist()
