@@ -83,7 +83,7 @@ def _run(config: RunConfig, session: Session | None, stop: GracefulStop) -> RunS
         if note:
             print(f"gradcam run: {note}", file=sys.stderr)
         run_dir.start(config, run_fingerprint, session.device, precision, overlays=bool(overlay_keys),
-                      methods=list(methods), **({"precision_note": note} if note else {}))
+                      methods=list(methods), precision_note=note)
         extra = {"overlays": bool(overlay_keys)}
         start = time.perf_counter()
         _stream(config, session, run_dir, [item for _, item in pending], overlay_keys, class_index, labels,

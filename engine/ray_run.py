@@ -232,7 +232,7 @@ def run_gradcam_ray(config: RunConfig, options: RayOptions = RayOptions()) -> Ru
             print(f"gradcam run: {note}", file=sys.stderr)
         run_dir.start(config, run_fingerprint, device, precision, overlays=bool(extra["overlays"]),
                       runner="ray", ray=ray_info, versions={"ray": ray.__version__}, methods=list(artifact.methods),
-                      **({"precision_note": note} if note else {}))
+                      precision_note=note)
         start = time.perf_counter()
         if pending:
             dataset = build_dataset(ray, pending, config, options, artifact, session_options, class_index,

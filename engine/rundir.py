@@ -326,9 +326,10 @@ class RunDirectory:
                 if key not in self._done]
 
     def start(self, config: RunConfig, fingerprint: dict[str, Any], device: str, precision: str,
-              overlays: bool = False, **extra: Any) -> None:
+              overlays: bool = False, precision_note: str = "", **extra: Any) -> None:
         """Check every folder the run writes, then write run.json with status "running", all before the first image
-        is read; `extra` adds runner-specific keys (and library versions under "versions")."""
+        is read; `precision_note` (why the precision is what it is) is recorded when there is one; `extra` adds
+        runner-specific keys (and library versions under "versions")."""
         for folder in (self.results, self.staging, *((self.overlays,) if overlays else ())):
             self._check_writable(folder)
         versions = {**library_versions(), **extra.pop("versions", {})}
@@ -341,6 +342,8 @@ class RunDirectory:
                                            "missing": list(self._found.missing),
                                            "set_aside": list(self._found.set_aside)},
                      "set_aside": self._state.set_aside}
+        if precision_note:
+            self.info["precision_note"] = precision_note
         if self.repaired:
             self.info["repaired"] = self.repaired
         self._write_run_json()
