@@ -3,6 +3,7 @@ page logs no error, and the class filter works. Chromium is part of the test env
 Debian package): without it these tests fail and say so; they never skip."""
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import re
@@ -182,6 +183,8 @@ def test_a_runs_overlay_is_reused_for_the_thumbnail(tmp_path: Path) -> None:
     thumbnails = Thumbnails(folder, "gradcam", lambda p: InputItem(p, "file"))
     uris = thumbnails.overlays(path, 64, 48, {"gradcam": np.zeros((4, 4), np.float32)}, None)
     assert list(uris) == ["gradcam"] and thumbnails.reused == 1
+    shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(uris["gradcam"].split(",", 1)[1]))).convert("RGB"))
+    assert np.abs(shown.astype(int).mean(axis=(0, 1)) - (200, 10, 10)).max() < 12  # the overlay, not cat.jpg
     assert thumbnails.overlays(path, 65, 48, {"gradcam": np.zeros((4, 4), np.float32)}, None) == {}  # other size
 
 
