@@ -166,6 +166,9 @@ def test_an_unfinished_evaluation_is_named_not_shown_as_figures(runs: Runs, tmp_
     (run_dir / "metrics.json").write_text(json.dumps({**info, "status": "running"}))
     html = write_report(run_dir).path.read_text()
     assert "An evaluation of this run did not finish" in html and "Per method" not in html
+    card_figures = r'<div class="(good|bad)">label |<div>gradcam: (hit|miss|drop|del) '  # a gallery card's scores
+    assert not re.search(card_figures, html)
+    assert re.search(card_figures, write_report(runs.evaluated, tmp_path / "done.html").path.read_text())
 
 
 def test_a_runs_overlay_is_reused_for_the_thumbnail(tmp_path: Path) -> None:
