@@ -32,6 +32,23 @@ def test_the_command_line_registers_exactly_the_six_subcommands_each_with_a_hand
         assert callable(parser.get_default("handler")), f"gradcam {name} sets no handler"
 
 
+@pytest.mark.parametrize("argv, refusal", [
+    (["export", "{tmp}/m.keras", "--out", "{tmp}/a"], "m.keras: no such file"),
+    (["run", "{tmp}/a", "{tmp}/images", "--out", "{tmp}/r"], "images: no such file"),
+    (["evaluate", "{tmp}/r"], "not a run directory"),
+    (["report", "{tmp}/r"], "not a run directory"),
+    (["bench", "--quick", "--backends", "nosuch", "--work-dir", "{tmp}/w"], "--backends: unknown nosuch"),
+], ids=["export", "run", "evaluate", "report", "bench"])
+def test_each_subcommand_dispatches_to_its_own_handler(argv: list[str], refusal: str, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Its handler, not just a callable: each refuses a missing input in its own one line (`gradcam demo` is run
+    from the command line by tests/test_demo.py)."""
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"gradcam {argv[0]}: error: ") and refusal in err and "\n" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("command", SUBCOMMANDS)
 def test_help_of_every_subcommand_exits_0(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:

@@ -536,3 +536,29 @@ def test_faithfulness_of_a_bf16_run_is_measured_on_the_fp32_graph_and_says_so(
         expected = fp32({"images": pixels, "class_index": np.array([-1], np.int32)})["predictions"][0]
         assert row["score"] == pytest.approx(float(expected[row["target_class"]]), abs=1e-5)  # fp32's, exactly
         assert row["score"] == pytest.approx(run_rows[str(path)]["predicted_score"], abs=0.05)  # bf16 ran close
+
+
+def test_faithfulness_of_a_run_with_a_chosen_target_scores_that_target_not_the_top1(
+        artifact: SmallArtifact, tmp_path: Path) -> None:  # noqa: F811
+    """The CAM explains the run's target class, so deleting what it highlights is scored on that class's output."""
+    from gradcam_engine.engine.decode import decode_image
+
+    images = tmp_path / "images"
+    paths = [write_image(images / f"s_{i}.png", scene(60 + 9 * i, 64, 40 + i)) for i in range(6)]
+    run_dir = tmp_path / "run"
+    run_gradcam(RunConfig(artifact=str(artifact.root), inputs=[str(images)], out=str(run_dir), session=CPU,
+                          target="1", progress=False))
+    run_rows = rows_by_path(run_dir)
+    assert {r["target_class"] for r in run_rows.values()} == {1}
+    other = [p for p in map(str, paths) if run_rows[p]["predicted_class"] != 1]
+    assert other, "every image predicts class 1: the target would not be told apart from the top-1"
+
+    evaluate(EvaluateConfig(str(run_dir), faithfulness=("drop",), session=CPU, progress=False))
+    rows = {r["path"]: r for r in metrics_rows(run_dir)}
+    session = GradCAMSession(artifact.root, CPU)
+    for path in map(str, paths):
+        pixels = decode_image(Path(path).read_bytes(), artifact.size).pixels[None]
+        expected = session({"images": pixels, "class_index": np.array([1], np.int32)})["predictions"][0]
+        assert rows[path]["score"] == pytest.approx(float(expected[1]), abs=1e-5)
+    for path in other:
+        assert rows[path]["score"] != pytest.approx(run_rows[path]["predicted_score"], abs=1e-5)

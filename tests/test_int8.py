@@ -122,6 +122,8 @@ def test_split_shared_constants_gives_the_float_readers_their_own_copy() -> None
     model = helper.make_model(graph)
     assert split_shared_constants(model, {"backbone/mul"}) == 1
     assert list(model.graph.node[0].input) == ["x", "c"] and list(model.graph.node[1].input) == ["a", "c__float"]
+    held = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert held["c__float"].dtype == np.float32 and held["c__float"].tolist() == [2.0] == held["c"].tolist()
     assert split_shared_constants(model, {"backbone/mul", "head/add"}) == 0  # every reader quantized: nothing to do
 
 

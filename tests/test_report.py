@@ -3,6 +3,7 @@ page logs no error, and the class filter works. Chromium is part of the test env
 Debian package): without it these tests fail and say so; they never skip."""
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import re
@@ -165,6 +166,9 @@ def test_an_unfinished_evaluation_is_named_not_shown_as_figures(runs: Runs, tmp_
     (run_dir / "metrics.json").write_text(json.dumps({**info, "status": "running"}))
     html = write_report(run_dir).path.read_text()
     assert "An evaluation of this run did not finish" in html and "Per method" not in html
+    card_figures = r'<div class="(good|bad)">label |<div>gradcam: (hit|miss|drop|del) '  # a gallery card's scores
+    assert not re.search(card_figures, html)
+    assert re.search(card_figures, write_report(runs.evaluated, tmp_path / "done.html").path.read_text())
 
 
 def test_a_runs_overlay_is_reused_for_the_thumbnail(tmp_path: Path) -> None:
@@ -182,6 +186,8 @@ def test_a_runs_overlay_is_reused_for_the_thumbnail(tmp_path: Path) -> None:
     thumbnails = Thumbnails(folder, "gradcam", lambda p: InputItem(p, "file"))
     uris = thumbnails.overlays(path, 64, 48, {"gradcam": np.zeros((4, 4), np.float32)}, None)
     assert list(uris) == ["gradcam"] and thumbnails.reused == 1
+    shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(uris["gradcam"].split(",", 1)[1]))).convert("RGB"))
+    assert np.abs(shown.astype(int).mean(axis=(0, 1)) - (200, 10, 10)).max() < 12  # the overlay, not cat.jpg
     assert thumbnails.overlays(path, 65, 48, {"gradcam": np.zeros((4, 4), np.float32)}, None) == {}  # other size
 
 

@@ -244,6 +244,30 @@ def test_a_journaled_shard_that_repeats_another_shards_rows_is_set_aside(
     assert copy.name not in [line["name"] for line in journal_shards(run_dir)]
 
 
+def test_a_journaled_shard_that_repeats_its_own_rows_is_set_aside(
+        artifact: SmallArtifact, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    """As a retried writer could leave it: each row twice, journaled as committed (size and checksum verify)."""
+    argv, run_dir = _three_shards(artifact, tmp_path, capsys)
+    shard = sorted((run_dir / "results").iterdir())[-1]
+    table = pq.read_table(shard)
+    pq.write_table(pa.concat_tables([table, table]), shard)  # the schema and its metadata (this run's digest) kept
+    data = shard.read_bytes()
+    journal = run_dir / "journal.jsonl"
+    lines = [json.loads(line) for line in journal.read_text().splitlines()]
+    for line in lines:
+        if line.get("name") == shard.name:
+            line.update(rows=8, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    journal.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    out = run_ok(argv, capsys)
+
+    assert "processed 4 " in out and "1 damaged shard(s) set aside" in out
+    [event] = run_json(run_dir)["set_aside"]
+    assert event["shard"] == shard.name and "repeats rows" in event["reason"] and event["rows"] == 4
+    table = pd.read_parquet(run_dir / "results")
+    assert len(table) == 12 and table["path"].is_unique
+
+
 def test_a_run_never_reports_complete_over_a_shard_damaged_while_it_ran(artifact: SmallArtifact,  # noqa: F811
                                                                          tmp_path: Path) -> None:
     slow_images(tmp_path / "slow", 12)

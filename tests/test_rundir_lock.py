@@ -157,3 +157,22 @@ def test_a_run_whose_lock_was_taken_over_commits_nothing_more(tmp_path: Path) ->
         lock.check()
     lock.release()
     assert json.loads((tmp_path / "run.lock").read_text())["token"] == "someone else"  # not ours to remove
+
+
+def test_a_live_runs_heartbeat_keeps_its_lock_fresh_for_other_hosts(tmp_path: Path) -> None:
+    """Another host judges the lock by its heartbeat's age alone: a run longer than that must keep it young."""
+    from gradcam_engine.engine.runlock import RunLock
+
+    lock = RunLock(tmp_path, heartbeat_seconds=0.05)
+    lock.acquire()
+    try:
+        old = time.time() - 600
+        os.utime(lock.path, (old, old))  # as if the run had been going for ten minutes
+        deadline = time.monotonic() + 10
+        while lock.path.stat().st_mtime < time.time() - 60 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert lock.path.stat().st_mtime > time.time() - 60, "the heartbeat never touched the lock"
+        assert lock.still_held()
+    finally:
+        lock.release()
+    assert not lock.path.exists()

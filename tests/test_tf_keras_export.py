@@ -361,6 +361,8 @@ def test_head_rules_serve_both_frameworks_by_layer_kind() -> None:
     class MyDense(tf_keras.layers.Dense):
         pass
     assert layer_kind(MyDense(2)) is None  # a subclass may compute anything: no rule applies to it
+    for base in (keras.layers.Dense, tf_keras.layers.Dense):  # even one that keeps the built-in's name
+        assert layer_kind(type("Dense", (base,), {})(2)) is None
 
 
 def test_importing_export_does_not_import_tf_keras() -> None:
