@@ -220,7 +220,8 @@ def test_the_report_shows_every_plot_and_the_runs_facts(runs: Runs, tmp_path: Pa
         f"{info['throughput']['images_per_second']:.1f} img/s"
     titles = re.findall(r'<svg class="plot"[^>]*><title>([^<]*)</title>', html)
     assert titles == ["Confidence of the predicted class", "gradcam: energy inside boxes",
-                      "gradcam: IoU@0.5 with boxes", "gradcam: drop in confidence", "gradcam: deletion AUC", "gradcam: insertion AUC",
+                      "gradcam: IoU@0.5 with boxes", "gradcam: drop in confidence", "gradcam: deletion AUC",
+                      "gradcam: insertion AUC",
                       "gradcam: mean target score as pixels are deleted / inserted", "gradcam: pointing game per class"]
     predicted = {r["predicted_label"] for r in rows_by_path(runs.evaluated).values() if r["status"] == "ok"}
     assert len(predicted) > 1
